@@ -1,0 +1,153 @@
+"""The adapter registry: `<root>/<tenant>/<adapter>/<version>/`, immutable versions, atomic publish.
+
+Publishing copies the adapter into a staging folder on the same file system (`<root>/.staging`),
+validates the copy (never the source, which could change underneath), writes `manifest.json`, fsyncs,
+and renames the folder into place. A crash leaves either the whole version or nothing; leftovers in
+the staging folder are removed at start-up. The database row is written after the rename and records
+which version is active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+
+from adapters.names import check_name
+from adapters.validate import ADAPTER_FILES, BaseModelSpec, validate_adapter_dir
+
+MANIFEST_FILE = "manifest.json"
+_STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    tenant: str
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+
+
+class Registry:
+    def __init__(self, root: Path, store, base: BaseModelSpec):
+        self.root = root.resolve()
+        self.store = store
+        self.base = base
+        self.staging = self.root / _STAGING
+
+    def prepare(self) -> None:
+        """Create the folders and drop whatever an interrupted publish left in staging."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+
+    def version_path(self, tenant: str, name: str, version: int) -> Path:
+        path = (self.root / check_name(tenant, "tenant") / check_name(name, "adapter") / str(int(version)))
+        path = path.resolve()
+        if not path.is_relative_to(self.root):  # names are checked, but the wall stays here too
+            raise ValueError("adapter path escapes the registry")
+        return path
+
+    def publish(self, source: Path, tenant: str, name: str, *, origin: str) -> PublishedVersion:
+        """Validate the adapter in `source` and make it the active, newest version of `tenant/name`."""
+        check_name(name, "adapter")
+        if name == "default":
+            raise ValueError("'default' is reserved: it names the tenant's default adapter.")
+        if self.store.get_tenant(tenant) is None:
+            raise LookupError(f"tenant '{tenant}' does not exist")
+        self.staging.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="publish-", dir=self.staging))
+        try:
+            for filename in os.listdir(source):
+                _stage_entry(source / filename, work / filename)
+            info = validate_adapter_dir(work, self.base)
+            files = {f: _file_digest(work / f) for f in ADAPTER_FILES}
+            for extra in set(os.listdir(work)) - set(ADAPTER_FILES):
+                os.unlink(work / extra)  # validated as harmless (a README), not kept
+            return self._commit(work, tenant, name, origin, info, files)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _commit(self, work: Path, tenant: str, name: str, origin: str, info, files) -> PublishedVersion:
+        adapter_dir = self.root / tenant / name
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            version = max(self.store.next_version(tenant, name), _next_on_disk(adapter_dir))
+            manifest = {
+                "tenant": tenant, "name": name, "version": version,
+                "base_model": self.base.model_id, "served_base_model": self.base.served_name,
+                "rank": info.rank, "lora_alpha": info.alpha, "target_modules": list(info.target_modules),
+                "files": files, "size_bytes": sum(f["size"] for f in files.values()),
+                "created": datetime.now(timezone.utc).isoformat(), "source": origin,
+            }
+            _write_synced(work / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+            _fsync_dir(work)
+            final = self.version_path(tenant, name, version)
+            try:
+                work.chmod(0o755)
+                os.rename(work, final)  # atomic; fails if a concurrent publish took this number
+            except OSError:
+                if final.exists():
+                    continue
+                raise
+            _fsync_dir(adapter_dir)
+            try:
+                self.store.add_version(tenant, name, version, rank=info.rank,
+                                       size_bytes=manifest["size_bytes"], source=origin)
+            except IntegrityError:
+                shutil.rmtree(final, ignore_errors=True)
+                continue
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            return PublishedVersion(tenant, name, version, final, manifest)
+
+
+def _next_on_disk(adapter_dir: Path) -> int:
+    versions = [int(p.name) for p in adapter_dir.iterdir() if p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _stage_entry(src: Path, dst: Path) -> None:
+    """Copy an adapter file; anything else is staged as an empty stand-in of the same name and kind,
+    which is all validation needs to judge it (and no bytes of it are read)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+    elif src.is_file() and src.name in ADAPTER_FILES:
+        shutil.copyfile(src, dst)
+    else:
+        dst.touch()
+
+
+def _file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

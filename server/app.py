@@ -1,0 +1,74 @@
+"""The gateway application: `create_app(settings)`, its lifespan, routers, and the one place where
+exceptions become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from server.config import Settings
+from server.errors import APIError, api_error_body, error_body
+from server.routes import health, openai
+from server.services import Services
+
+log = logging.getLogger("loraserve.app")
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc = services or Services.build(settings)
+        svc.registry.prepare()
+        app.state.services = svc
+        if svc.supervisor:
+            svc.supervisor.start()
+        try:
+            yield
+        finally:
+            svc.draining = True
+            if svc.supervisor:
+                await svc.supervisor.stop()
+            await svc.pool.aclose()
+
+    app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(api_error_body(exc), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
+        param = ".".join(loc) or None
+        message = first.get("msg", "Invalid request.")
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        elif param:
+            message = f"{param}: {message}"
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = "Unknown route." if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("Internal server error.", "server_error", "internal_error"), status_code=500)

@@ -1,0 +1,110 @@
+"""The one Settings object. Nothing else in the code reads the environment.
+
+Every field can be set as an environment variable with the prefix `LORASERVE_` (for example
+`LORASERVE_PORT=9000`) or in a `.env` file. Paths default to places under `data_dir`.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adapters.basemodel import DEFAULT_MODEL_ID, DEFAULT_SERVED_NAME
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", env_file=".env", extra="ignore")
+
+    # Gateway
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    data_dir: Path = Field(Path("data"), description="Folder for the database, registry, models and logs.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    registry_dir: Path | None = Field(None, description="Adapter registry; default: data_dir/registry.")
+    admin_key: SecretStr | None = Field(
+        None, description="Admin API key. When unset, `loraserve up` makes one once and prints it."
+    )
+    auth_mode: Literal["key", "header"] = Field(
+        "key",
+        description="`key`: tenants authenticate with API keys. `header`: trust X-Tenant-ID alone "
+        "(only behind a proxy that authenticates tenants itself).",
+    )
+    default_model_alias: str | None = Field(
+        None, description="Extra `model` name meaning the tenant's default adapter (besides `default`)."
+    )
+    log_level: str = Field("info", description="Log level of the gateway.")
+
+    # Base model
+    base_model_path: Path | None = Field(
+        None, description="Local Hugging Face model folder; default: SmolLM2-135M-Instruct, prepared once."
+    )
+    base_model_id: str = Field(DEFAULT_MODEL_ID, description="Hugging Face id of the base model.")
+    served_model_name: str = Field(DEFAULT_SERVED_NAME, description="The base model's `model` name.")
+
+    # Engines
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated vLLM server URLs. Empty: run one engine as a supervised child.",
+    )
+    engine_host: str = Field("127.0.0.1", description="Address of the embedded engine (private).")
+    engine_port: int = Field(8001, description="Port of the embedded engine.")
+    engine_max_loras: int = Field(4, ge=1, description="Adapters in one batch on the engine (--max-loras).")
+    engine_max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank (--max-lora-rank).")
+    engine_max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    engine_max_model_len: int = Field(2048, ge=16, description="Context window (--max-model-len).")
+    engine_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of memory for the KV cache (--gpu-memory-utilization)."
+    )
+    engine_dtype: str = Field("float32", description="Weights dtype (--dtype); float32 on CPUs.")
+    engine_extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More vLLM server flags, space-separated."
+    )
+    engine_start_timeout: float = Field(900.0, description="Seconds to wait for the engine to become ready.")
+    engine_read_timeout: float = Field(
+        300.0, description="Seconds without a byte from the engine before a request fails."
+    )
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value):
+        if isinstance(value, str):
+            return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("engine_extra_args", mode="before")
+    @classmethod
+    def _split_args(cls, value):
+        return value.split() if isinstance(value, str) else value
+
+    @property
+    def embedded_engine(self) -> bool:
+        return not self.engine_urls
+
+    @cached_property
+    def registry_path(self) -> Path:
+        return (self.registry_dir or self.data_dir / "registry").resolve()
+
+    @cached_property
+    def model_path(self) -> Path:
+        return (self.base_model_path or self.data_dir / "models" / DEFAULT_SERVED_NAME).resolve()
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.base_model_path is None
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'loraserve.db').resolve()}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def engine_base_urls(self) -> list[str]:
+        if self.engine_urls:
+            return list(self.engine_urls)
+        return [f"http://{self.engine_host}:{self.engine_port}"]

@@ -1,0 +1,86 @@
+"""One exception tree for everything a client may be told, in OpenAI's error shape.
+
+Code anywhere raises an `APIError`; `server.app` turns it into a response (and the streaming relay into
+an SSE error event) with `error_body`. Messages are written for the client: never a stack trace, a key,
+a file path or another tenant's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, param: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class BadRequest(APIError):
+    status, type, code = 400, "invalid_request_error", None
+
+
+class Unauthorized(APIError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(APIError):
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
+class NotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        # The same words whether the name is unknown or another tenant's: nothing leaks.
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it.", param="model"
+        )
+
+
+class Conflict(APIError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class Unprocessable(APIError):
+    status, type, code = 422, "invalid_request_error", "unprocessable_entity"
+
+
+class RateLimited(APIError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class EngineUnavailable(APIError):
+    status, type, code = 503, "server_error", "engine_unavailable"
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def api_error_body(exc: APIError) -> dict[str, Any]:
+    return error_body(exc.message, exc.type, exc.code, exc.param)

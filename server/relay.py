@@ -1,0 +1,161 @@
+"""Send one OpenAI generation request to an engine and relay the answer to the client.
+
+The relay rewrites only what it must: the engine-side model name back to the client's, and the usage
+chunk the gateway asked for on the client's behalf. Streams go out event by event as they arrive.
+Engine errors become `APIError`s here, before any byte is sent, or an SSE error event after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from server.engine.pool import EnginePool, EngineSlot
+from server.errors import (
+    APIError,
+    BadRequest,
+    EngineUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unprocessable,
+    api_error_body,
+)
+from server.protocol import GenerationRequest
+from server.tenancy import ModelRoute
+
+log = logging.getLogger("loraserve.relay")
+
+UsageCallback = Callable[[int, int], None]
+_ENGINE_STATUS = {400: BadRequest, 404: NotFound, 413: PayloadTooLarge, 422: Unprocessable, 429: RateLimited}
+
+
+class _EngineForgotModel(Exception):
+    """The engine does not know a model we loaded there (it restarted behind our back)."""
+
+
+async def forward(
+    pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, on_usage: UsageCallback
+) -> Response:
+    """Serve `request` on an engine; one retry when the engine had silently lost the adapter."""
+    for attempt in (1, 2):
+        slot = await pool.acquire(route.engine_model, route.path and str(route.path))
+        release = _Once(lambda slot=slot: pool.release(slot))
+        try:
+            if request.stream:
+                return await _stream(slot, route, endpoint, request, on_usage, release)
+            return await _complete(slot, route, endpoint, request, on_usage)
+        except _EngineForgotModel:
+            pool.forget(slot, route.engine_model)
+            if attempt == 2 or route.path is None:
+                raise EngineUnavailable("The inference engine lost the model; try again.") from None
+        finally:
+            if not request.stream:
+                release()
+    raise AssertionError("unreachable")
+
+
+async def _complete(slot: EngineSlot, route, endpoint, request, on_usage) -> Response:
+    reply = await slot.client.complete(endpoint, request.engine_payload(route.engine_model))
+    if reply.status != 200:
+        raise _engine_error(reply.status, reply.body, route)
+    body = reply.json()
+    body["model"] = route.requested
+    usage = body.get("usage") or {}
+    on_usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    return JSONResponse(body)
+
+
+async def _stream(slot: EngineSlot, route, endpoint, request, on_usage, release: _Once) -> Response:
+    """Open the engine's stream; its status decides the HTTP status before any byte is sent. From
+    then on the response owns the connection and the engine slot."""
+    try:
+        response = await slot.client.open_stream(endpoint, request.engine_payload(route.engine_model))
+    except BaseException:
+        release()
+        raise
+    if response.status_code != 200:
+        try:
+            raise _engine_error(response.status_code, await response.aread(), route)
+        finally:
+            await response.aclose()
+            release()
+
+    async def finish() -> None:
+        await response.aclose()  # closing the connection makes vLLM abort an unfinished request
+        release()
+
+    events = _relay_events(response, route, request.wants_usage, on_usage, finish)
+    # The background task also runs when the client left before the first byte was sent.
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(finish),
+    )
+
+
+class _Once:
+    def __init__(self, fn: Callable[[], None]):
+        self._fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
+async def _relay_events(
+    response: httpx.Response, route: ModelRoute, wants_usage: bool, on_usage: UsageCallback,
+    finish: Callable[[], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                yield b"data: [DONE]\n\n"
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                log.error("engine error event for %s: %s", route.engine_model, data[:500])
+                event = api_error_body(EngineUnavailable("The inference engine failed during the response."))
+            else:
+                usage = event.get("usage")
+                if usage:
+                    on_usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    if not wants_usage:
+                        if not event.get("choices"):
+                            continue  # the usage-only chunk the client did not ask for
+                        event.pop("usage")
+                event["model"] = route.requested
+            yield _sse(event)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        log.error("engine stream for %s broke: %s", route.engine_model, type(exc).__name__)
+        yield _sse(api_error_body(EngineUnavailable("The inference engine failed during the response.")))
+    finally:
+        await finish()
+
+
+def _sse(event: dict) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _engine_error(status: int, body: bytes, route: ModelRoute) -> APIError:
+    """An engine's error as the client may see it: our internal name replaced by the client's."""
+    try:
+        error = json.loads(body)["error"]
+        message, param = str(error.get("message", "")), error.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, param = "", None
+    if status == 404 and route.engine_model in message:
+        raise _EngineForgotModel
+    if status >= 500 or not message:
+        log.error("engine error %s for %s: %s", status, route.engine_model, message[:500])
+        return EngineUnavailable("The inference engine failed to serve the request.")
+    message = message.replace(route.engine_model, route.requested)
+    return _ENGINE_STATUS.get(status, BadRequest)(message, param=param if isinstance(param, str) else None)

@@ -1,0 +1,45 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+
+from server.deps import ServicesDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """Ready to serve: an engine answers, the database and the registry are usable, not draining."""
+    engine, database, registry = await asyncio.gather(
+        services.pool.healthy(), _check(services.store.ping), _check(_registry_writable, services)
+    )
+    checks = {"engine": engine, "database": database, "registry": registry, "draining": services.draining}
+    ready = engine and database and registry and not services.draining
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+async def _check(fn, *args) -> bool:
+    try:
+        await run_in_threadpool(fn, *args)
+    except Exception:
+        return False
+    return True
+
+
+def _registry_writable(services) -> None:
+    if not os.access(services.registry.staging, os.W_OK):
+        raise OSError("registry is not writable")

