@@ -141,6 +141,7 @@ def serve(settings: Settings) -> None:
     from server.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
     print(f"Gateway on http://{settings.host}:{settings.port} (ready when /readyz says so; "
           f"the engine's first start takes about a minute, log: {settings.log_dir / 'engine.log'})", flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -14,6 +14,7 @@ class APIError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = "internal_error"
+    default_retry_after: float | None = None
 
     def __init__(
         self, message: str, *, code: str | None = None, param: str | None = None,
@@ -24,7 +25,7 @@ class APIError(Exception):
         if code is not None:
             self.code = code
         self.param = param
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -76,6 +77,7 @@ class RateLimited(APIError):
 
 class EngineUnavailable(APIError):
     status, type, code = 503, "server_error", "engine_unavailable"
+    default_retry_after = 5.0
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

@@ -93,9 +93,8 @@ class EngineSupervisor:
             if self._stopping or self.process is None:
                 continue
             if self.process.poll() is None:
-                if not self.ready.is_set() and await self.is_ready():
-                    self.ready.set()
-                    log.info("engine ready after %.0f s", time.monotonic() - self._spawned_at)
+                if not self.ready.is_set():
+                    await self._check_start()
                 continue
             self.ready.clear()
             self._kill_group(signal.SIGKILL)  # its workers may outlive it
@@ -109,6 +108,16 @@ class EngineSupervisor:
             if not self._stopping:
                 self._spawn()
             backoff = min(backoff * 2, 60.0)
+
+    async def _check_start(self) -> None:
+        age = time.monotonic() - self._spawned_at
+        if await self.is_ready():
+            self.ready.set()
+            log.info("engine ready after %.0f s", age)
+        elif age > self.settings.engine_start_timeout:
+            # Hung in start-up: kill it; the watch loop then restarts it like any other death.
+            log.error("engine not ready after %.0f s; killing it", age)
+            self._kill_group(signal.SIGKILL)
 
     async def stop(self, grace: float = 20.0) -> None:
         self._stopping = True

@@ -1,0 +1,96 @@
+"""The database, the naming rule and the model-name rule, on a real SQLite file and registry folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.names import check_name, engine_name, is_valid_name
+from adapters.registry import Registry
+from adapters.validate import BaseModelSpec
+from server.config import Settings
+from server.errors import Forbidden, ModelNotFound, Unauthorized
+from server.store import Store
+from server.tenancy import authenticate_tenant, resolve_model
+from tests.adapter_files import write_adapter
+
+
+@pytest.fixture
+def world(tmp_path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, base_model_path=tmp_path / "model",
+                        default_model_alias="my-model")
+    store = Store(settings.db_url)
+    store.create_schema()
+    registry = Registry(settings.registry_path, store, BaseModelSpec(
+        settings.base_model_id, settings.served_model_name, settings.model_path, max_rank=16))
+    registry.prepare()
+    for tenant in ("acme", "globex"):
+        store.create_tenant(tenant)
+    registry.publish(write_adapter(tmp_path / "a"), "acme", "bot", origin="test")
+    registry.publish(write_adapter(tmp_path / "b"), "acme", "bot", origin="test")
+    registry.publish(write_adapter(tmp_path / "c"), "globex", "secret", origin="test")
+    return settings, store, registry
+
+
+@pytest.mark.parametrize("name", ["a", "acme", "team-7", "x" * 63])
+def test_valid_names(name):
+    assert is_valid_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "A", "-a", "a-", "a--b", "a_b", "a/b", "..", "x" * 64, "é", "a\x00", "a\n"])
+def test_invalid_names(name):
+    assert not is_valid_name(name)
+    with pytest.raises(ValueError):
+        check_name(name, "adapter")
+
+
+def test_engine_names_cannot_collide():
+    # With `--` forbidden in names, the internal name maps back to one tenant and adapter only.
+    assert engine_name("a", "b-c", 1) == "a--b-c--v1"
+    with pytest.raises(ValueError):
+        engine_name("a--b", "c", 1)
+
+
+def test_keys_are_stored_hashed_and_checked(world, tmp_path):
+    _, store, _ = world
+    key_id, secret = store.create_key("acme")
+    assert store.identify(secret).tenant_id == "acme"
+    assert store.identify(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+    assert store.identify(f"ls-{key_id}-guess") is None and store.identify("garbage") is None
+    store.engine.dispose()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("loraserve.db*"))
+    assert secret.encode() not in raw and secret.split("-", 2)[2].encode() not in raw
+
+
+def test_authentication_rules(world):
+    settings, store, _ = world
+    _, acme_key = store.create_key("acme")
+    assert authenticate_tenant(settings, store, f"Bearer {acme_key}", None).id == "acme"
+    assert authenticate_tenant(settings, store, f"bearer {acme_key}", "acme").id == "acme"
+    with pytest.raises(Forbidden):
+        authenticate_tenant(settings, store, f"Bearer {acme_key}", "globex")
+    for header in (None, "", "Bearer", f"Basic {acme_key}", "Bearer nope"):
+        with pytest.raises(Unauthorized):
+            authenticate_tenant(settings, store, header, None)
+    trusting = settings.model_copy(update={"auth_mode": "header"})
+    assert authenticate_tenant(trusting, store, None, "globex").id == "globex"
+    with pytest.raises(Unauthorized):
+        authenticate_tenant(trusting, store, None, "nobody")
+
+
+def test_model_name_rule(world):
+    settings, store, registry = world
+    acme = store.get_tenant("acme")
+    base = settings.served_model_name
+    assert resolve_model(settings, store, registry, acme, base).engine_model == base
+    for alias in ("default", "acme", "my-model"):
+        assert resolve_model(settings, store, registry, acme, alias).adapter is None  # no default yet
+    route = resolve_model(settings, store, registry, acme, "bot")
+    assert (route.engine_model, route.version, route.requested) == ("acme--bot--v2", 2, "bot")
+    assert resolve_model(settings, store, registry, acme, "bot@1").engine_model == "acme--bot--v1"
+    assert route.path == settings.registry_path / "acme" / "bot" / "2"
+    store.set_default_adapter("acme", "bot")
+    acme = store.get_tenant("acme")
+    assert resolve_model(settings, store, registry, acme, "default").engine_model == "acme--bot--v2"
+    for missing in ("secret", "secret@1", "bot@3", "bot@0", "bot@x", "globex--secret--v1", "../globex/secret", ""):
+        with pytest.raises(ModelNotFound):
+            resolve_model(settings, store, registry, acme, missing)
