@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy.exc import IntegrityError
-
-from adapters.names import check_name
+from adapters.names import InvalidName, check_name
 from adapters.validate import ADAPTER_FILES, BaseModelSpec, validate_adapter_dir
 
 MANIFEST_FILE = "manifest.json"
@@ -56,13 +54,13 @@ class Registry:
             raise ValueError("adapter path escapes the registry")
         return path
 
-    def publish(self, source: Path, tenant: str, name: str, *, origin: str) -> PublishedVersion:
-        """Validate the adapter in `source` and make it the active, newest version of `tenant/name`."""
+    def publish(self, source: Path, tenant: str, name: str, *, origin: str, activate: bool = True) -> PublishedVersion:
+        """Validate the adapter in `source` and record it as the newest version of `tenant/name`
+        (the active one unless `activate` is False)."""
         check_name(name, "adapter")
         if name == "default":
-            raise ValueError("'default' is reserved: it names the tenant's default adapter.")
-        if self.store.get_tenant(tenant) is None:
-            raise LookupError(f"tenant '{tenant}' does not exist")
+            raise InvalidName("The adapter name 'default' is reserved: it means the tenant's default adapter.")
+        self.store.require_tenant(tenant)
         self.staging.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="publish-", dir=self.staging))
         try:
@@ -72,15 +70,15 @@ class Registry:
             files = {f: _file_digest(work / f) for f in ADAPTER_FILES}
             for extra in set(os.listdir(work)) - set(ADAPTER_FILES):
                 os.unlink(work / extra)  # validated as harmless (a README), not kept
-            return self._commit(work, tenant, name, origin, info, files)
+            return self._commit(work, tenant, name, origin, info, files, activate)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _commit(self, work: Path, tenant: str, name: str, origin: str, info, files) -> PublishedVersion:
+    def _commit(self, work: Path, tenant: str, name: str, origin: str, info, files, activate) -> PublishedVersion:
         adapter_dir = self.root / tenant / name
         adapter_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            version = max(self.store.next_version(tenant, name), _next_on_disk(adapter_dir))
+            version = self.store.reserve_version(tenant, name)
             manifest = {
                 "tenant": tenant, "name": name, "version": version,
                 "base_model": self.base.model_id, "served_base_model": self.base.served_name,
@@ -91,29 +89,36 @@ class Registry:
             _write_synced(work / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
             _fsync_dir(work)
             final = self.version_path(tenant, name, version)
-            try:
-                work.chmod(0o755)
-                os.rename(work, final)  # atomic; fails if a concurrent publish took this number
-            except OSError:
-                if final.exists():
-                    continue
-                raise
+            if final.exists():
+                continue  # left by a crash between rename and database row; its number stays burnt
+            work.chmod(0o755)
+            os.rename(work, final)  # atomic: the version appears whole or not at all
             _fsync_dir(adapter_dir)
             try:
                 self.store.add_version(tenant, name, version, rank=info.rank,
-                                       size_bytes=manifest["size_bytes"], source=origin)
-            except IntegrityError:
-                shutil.rmtree(final, ignore_errors=True)
-                continue
+                                       size_bytes=manifest["size_bytes"], source=origin, activate=activate)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             return PublishedVersion(tenant, name, version, final, manifest)
 
+    def manifest(self, tenant: str, name: str, version: int) -> dict:
+        return json.loads((self.version_path(tenant, name, version) / MANIFEST_FILE).read_text())
 
-def _next_on_disk(adapter_dir: Path) -> int:
-    versions = [int(p.name) for p in adapter_dir.iterdir() if p.name.isdigit()]
-    return max(versions, default=0) + 1
+    def remove(self, tenant: str, name: str | None = None, version: int | None = None) -> None:
+        """Remove a version, an adapter or a whole tenant from disk. The folder is first renamed into
+        staging (atomic: the engine can no longer find it), then deleted."""
+        target = self.root / check_name(tenant, "tenant")
+        if name is not None:
+            target = target / check_name(name, "adapter")
+            if version is not None:
+                target = target / str(int(version))
+        if not target.exists():
+            return
+        self.staging.mkdir(parents=True, exist_ok=True)
+        doomed = Path(tempfile.mkdtemp(prefix="delete-", dir=self.staging))
+        os.rename(target, doomed / "x")
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _stage_entry(src: Path, dst: Path) -> None:

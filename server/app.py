@@ -11,9 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, api_error_body, error_body
-from server.routes import health, openai
+from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
+from server.routes import admin, health, openai
 from server.services import Services
 
 log = logging.getLogger("loraserve.app")
@@ -39,15 +40,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     app.include_router(openai.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)
     _install_error_handlers(app)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(api_error_body(exc), status_code=exc.status, headers=exc.headers())
+    async def known_error(_: Request, exc: Exception) -> JSONResponse:
+        error = as_api_error(exc)
+        return JSONResponse(api_error_body(error), status_code=error.status, headers=error.headers())
+
+    for kind in (APIError, *domain_errors()):
+        app.add_exception_handler(kind, known_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

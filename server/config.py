@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         None, description="Extra `model` name meaning the tenant's default adapter (besides `default`)."
     )
     log_level: str = Field("info", description="Log level of the gateway.")
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body, uploads aside (413).")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter upload (413).")
+    archive_max_files: int = Field(16, ge=2, description="Most entries an uploaded archive may hold.")
+    archive_max_unpacked_bytes: int = Field(1 << 30, ge=1024, description="Most bytes an archive may unpack to.")
 
     # Base model
     base_model_path: Path | None = Field(

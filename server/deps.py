@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from server.services import Services
-from server.store import Tenant
-from server.tenancy import authenticate_tenant
+from server.store import KeyIdentity, Tenant
+from server.tenancy import authenticate_admin, authenticate_tenant
 
 
 def get_services(request: Request) -> Services:
@@ -30,3 +30,12 @@ def current_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def current_admin(
+    services: ServicesDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> KeyIdentity:
+    return authenticate_admin(services.settings, services.store, authorization)
+
+
+AdminDep = Annotated[KeyIdentity, Depends(current_admin)]

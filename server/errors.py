@@ -7,6 +7,8 @@ a file path or another tenant's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 
@@ -86,3 +88,37 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def api_error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.code, exc.param)
+
+
+@cache
+def domain_errors() -> dict[type[Exception], Callable[[Exception], APIError]]:
+    """How the lower layers' own exceptions read to a client. Their messages are written for users."""
+    from adapters.archive import ArchiveRefused
+    from adapters.basemodel import BaseModelError
+    from adapters.names import InvalidName
+    from adapters.validate import AdapterInvalid
+    from server import store
+
+    return {
+        store.Missing: lambda e: NotFound(_text(e)),
+        store.Conflict: lambda e: Conflict(_text(e)),
+        InvalidName: lambda e: BadRequest(_text(e), code="invalid_name"),
+        AdapterInvalid: lambda e: Unprocessable(_text(e), code="invalid_adapter"),
+        ArchiveRefused: lambda e: Unprocessable(_text(e), code="invalid_archive"),
+        # The server's own base model is unusable: not the client's fault, and its path stays private.
+        BaseModelError: lambda e: EngineUnavailable("The base model is not available on this server."),
+    }
+
+
+def as_api_error(exc: Exception) -> APIError | None:
+    if isinstance(exc, APIError):
+        return exc
+    for kind, convert in domain_errors().items():
+        if isinstance(exc, kind):
+            return convert(exc)
+    return None
+
+
+def _text(exc: Exception) -> str:
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return text[:1].upper() + text[1:]

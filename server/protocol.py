@@ -6,9 +6,12 @@ messages); other OpenAI fields pass through to the engine, which knows them best
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
 
 
 class ErrorDetail(BaseModel):
@@ -73,3 +76,81 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# Admin API
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant limits; None means no limit of that kind."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_concurrent_requests: int | None = Field(None, ge=1, le=100_000)
+    requests_per_minute: int | None = Field(None, ge=1, le=10_000_000)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000)
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=63, description="Lower-case letters, digits and single hyphens.")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    default_adapter: str | None = Field(None, max_length=63, description="An adapter name, or null for the base.")
+    limits: TenantLimits | None = None
+
+
+class TenantOut(BaseModel):
+    id: str
+    default_adapter: str | None
+    limits: TenantLimits
+    created_at: datetime
+
+
+class KeyOut(BaseModel):
+    id: str
+    tenant: str
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+    key: str | None = Field(None, description="The secret; returned once, when the key is made.")
+
+
+class VersionOut(BaseModel):
+    version: int
+    active: bool
+    rank: int
+    size_bytes: int
+    source: str
+    created_at: datetime
+    manifest: dict | None = None
+
+
+class AdapterOut(BaseModel):
+    tenant: str
+    name: str
+    model: str = Field(description="The `model` a tenant calls it by.")
+    active_version: int | None
+    versions: list[VersionOut]
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=1_000_000_000)
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    object: str
+    result: str
+    detail: str | None
+
+
+class ListOf(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]

@@ -45,7 +45,7 @@ async def forward(
     """Serve `request` on an engine; one retry when the engine had silently lost the adapter."""
     for attempt in (1, 2):
         slot = await pool.acquire(route.engine_model, route.path and str(route.path))
-        release = _Once(lambda slot=slot: pool.release(slot))
+        release = _Once(lambda slot=slot: pool.release(slot, route.engine_model))
         try:
             if request.stream:
                 return await _stream(slot, route, endpoint, request, on_usage, release)

@@ -1,7 +1,8 @@
-"""The database: tenants, hashed API keys, adapters and their versions (SQLAlchemy 2).
+"""The database: tenants, hashed API keys, adapters and their versions, the audit log.
 
 SQLite by default (WAL mode, so the CLI and a running server share the file); any SQLAlchemy URL works.
-Methods are synchronous and short; async callers run them in a worker thread.
+Methods are synchronous and short; async callers run them in a worker thread. They return plain
+detached objects, and raise `Missing` or `Conflict` for the caller to map.
 """
 
 from __future__ import annotations
@@ -12,79 +13,35 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    UniqueConstraint,
-    create_engine,
-    event,
-    func,
-    select,
-    text,
-)
+from sqlalchemy import create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.names import check_name
+from server.db import Adapter, AdapterVersion, ApiKey, AuditRecord, Base, Tenant, VersionSequence, utcnow
+
+__all__ = ["AdapterView", "Conflict", "KeyIdentity", "Missing", "Store", "Tenant"]
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+class Missing(LookupError):
+    """The tenant, key, adapter or version does not exist."""
 
 
-class Base(DeclarativeBase):
-    pass
+class Conflict(ValueError):
+    """The change contradicts the current state (a duplicate, or deleting what is in use)."""
+
+KEY_PREFIX = "ls"
 
 
-class Tenant(Base):
-    __tablename__ = "tenants"
-    id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    default_adapter: Mapped[str | None] = mapped_column(String(63))
-    limits: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ApiKey(Base):
-    """A key's secret is never stored: only its SHA-256 (keys are 256-bit random, so a fast hash is
-    enough). `tenant_id` is NULL for admin keys."""
-
-    __tablename__ = "api_keys"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    secret_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class Adapter(Base):
-    __tablename__ = "adapters"
-    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(63))
-    active_version: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    versions: Mapped[list[AdapterVersion]] = relationship(
-        back_populates="adapter", cascade="all, delete-orphan", order_by="AdapterVersion.version"
-    )
-
-
-class AdapterVersion(Base):
-    __tablename__ = "adapter_versions"
-    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
-    version: Mapped[int] = mapped_column(Integer)
-    rank: Mapped[int] = mapped_column(Integer)
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    source: Mapped[str] = mapped_column(String(100))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    adapter: Mapped[Adapter] = relationship(back_populates="versions")
+@dataclass(frozen=True)
+class VersionView:
+    version: int
+    rank: int
+    size_bytes: int
+    source: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -96,6 +53,7 @@ class AdapterView:
     active_version: int | None
     versions: tuple[int, ...]
     created_at: datetime
+    version_details: tuple[VersionView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,9 +64,6 @@ class KeyIdentity:
     @property
     def is_admin(self) -> bool:
         return self.tenant_id is None
-
-
-KEY_PREFIX = "ls"
 
 
 def _hash_secret(secret: str) -> str:
@@ -136,23 +91,56 @@ class Store:
             conn.execute(text("SELECT 1"))
 
     # Tenants
-    def create_tenant(self, tenant_id: str) -> Tenant:
+    def create_tenant(self, tenant_id: str, limits: dict | None = None) -> Tenant:
         check_name(tenant_id, "tenant")
         try:
             with self.session() as s:
-                tenant = Tenant(id=tenant_id, limits={})
+                tenant = Tenant(id=tenant_id, limits=limits or {})
                 s.add(tenant)
             return tenant
         except IntegrityError as exc:
-            raise ValueError(f"tenant '{tenant_id}' already exists") from exc
+            raise Conflict(f"tenant '{tenant_id}' already exists") from exc
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self.session() as s:
             return s.get(Tenant, tenant_id)
 
+    def require_tenant(self, tenant_id: str) -> Tenant:
+        with self.session() as s:
+            return self._tenant(s, tenant_id)
+
     def list_tenants(self) -> list[Tenant]:
         with self.session() as s:
             return list(s.scalars(select(Tenant).order_by(Tenant.id)))
+
+    def update_tenant(self, tenant_id: str, **changes) -> Tenant:
+        """Change `default_adapter` (None for the base model) and/or `limits`."""
+        with self.session() as s:
+            tenant = self._tenant(s, tenant_id)
+            if "default_adapter" in changes:
+                name = changes["default_adapter"]
+                if name is not None and self._adapter(s, tenant_id, name) is None:
+                    raise Missing(f"adapter '{name}' does not exist")
+                tenant.default_adapter = name
+            if "limits" in changes:
+                tenant.limits = dict(changes["limits"] or {})
+            return tenant
+
+    def set_default_adapter(self, tenant_id: str, name: str | None) -> None:
+        self.update_tenant(tenant_id, default_adapter=name)
+
+    def delete_tenant(self, tenant_id: str) -> list[tuple[str, int]]:
+        """Delete a tenant with its keys and adapters; returns the (adapter, version) pairs it had."""
+        with self.session() as s:
+            tenant = self._tenant(s, tenant_id)
+            adapters = list(s.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id)))
+            gone = [(a.name, v.version) for a in adapters for v in a.versions]
+            for adapter in adapters:
+                s.delete(adapter)
+            for key in s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id)):
+                s.delete(key)
+            s.delete(tenant)
+            return gone
 
     # Keys
     def create_key(self, tenant_id: str | None) -> tuple[str, str]:
@@ -161,10 +149,22 @@ class Store:
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
         with self.session() as s:
-            if tenant_id is not None and s.get(Tenant, tenant_id) is None:
-                raise LookupError(f"tenant '{tenant_id}' does not exist")
+            if tenant_id is not None:
+                self._tenant(s, tenant_id)
             s.add(ApiKey(id=key_id, tenant_id=tenant_id, secret_hash=_hash_secret(secret)))
         return key_id, secret
+
+    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        with self.session() as s:
+            self._tenant(s, tenant_id)
+            return list(s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+
+    def revoke_key(self, tenant_id: str, key_id: str) -> None:
+        with self.session() as s:
+            key = s.get(ApiKey, key_id)
+            if key is None or key.tenant_id != tenant_id or key.revoked_at is not None:
+                raise Missing(f"key '{key_id}' does not exist")
+            key.revoked_at = utcnow()
 
     def identify(self, secret: str) -> KeyIdentity | None:
         """The key's identity, or None for an unknown, malformed or revoked key. The row is found by
@@ -188,31 +188,44 @@ class Store:
             return s.scalar(stmt) > 0
 
     # Adapters
-    def next_version(self, tenant_id: str, name: str) -> int:
-        with self.session() as s:
-            adapter = self._adapter(s, tenant_id, name)
-            if adapter is None:
-                return 1
-            latest = s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id))
-            return (latest or 0) + 1
+    def reserve_version(self, tenant_id: str, name: str) -> int:
+        """The next version number of `tenant/name`, never handed out before (also under concurrency:
+        the UPDATE takes the write lock first)."""
+        where = (VersionSequence.tenant_id == tenant_id, VersionSequence.name == name)
+        for _ in range(10):
+            try:
+                with self.session() as s:
+                    bumped = s.execute(update(VersionSequence).where(*where).values(last=VersionSequence.last + 1))
+                    if bumped.rowcount == 0:
+                        s.add(VersionSequence(tenant_id=tenant_id, name=name, last=1))
+                        s.flush()
+                    return s.scalar(select(VersionSequence.last).where(*where))
+            except IntegrityError:
+                continue  # another publisher created the sequence first; bump it instead
+        raise RuntimeError("could not reserve a version number")
 
     def add_version(
         self, tenant_id: str, name: str, version: int, *, rank: int, size_bytes: int, source: str,
         activate: bool = True,
     ) -> None:
-        """Record a published version; raises IntegrityError when that version number is taken."""
-        with self.session() as s:
-            if s.get(Tenant, tenant_id) is None:
-                raise LookupError(f"tenant '{tenant_id}' does not exist")
-            adapter = self._adapter(s, tenant_id, name)
-            if adapter is None:
-                adapter = Adapter(tenant_id=tenant_id, name=name)
-                s.add(adapter)
-                s.flush()
-            s.add(AdapterVersion(adapter_id=adapter.id, version=version, rank=rank, size_bytes=size_bytes,
-                                 source=source))
-            if activate:
-                adapter.active_version = version
+        """Record a published version (its number comes from `reserve_version`)."""
+        for attempt in range(3):
+            try:
+                with self.session() as s:
+                    self._tenant(s, tenant_id)
+                    adapter = self._adapter(s, tenant_id, name)
+                    if adapter is None:
+                        adapter = Adapter(tenant_id=tenant_id, name=name)
+                        s.add(adapter)
+                        s.flush()
+                    s.add(AdapterVersion(adapter_id=adapter.id, version=version, rank=rank,
+                                         size_bytes=size_bytes, source=source))
+                    if activate:
+                        adapter.active_version = version
+                return
+            except IntegrityError:  # a concurrent first publish created the adapter row; a retry finds it
+                if attempt == 2:
+                    raise
 
     def get_adapter(self, tenant_id: str, name: str) -> AdapterView | None:
         with self.session() as s:
@@ -224,24 +237,73 @@ class Store:
             rows = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.name))
             return [_view(a) for a in rows]
 
-    def set_default_adapter(self, tenant_id: str, name: str | None) -> None:
+    def activate(self, tenant_id: str, name: str, version: int) -> int | None:
+        """Make `version` the active one; returns the version that was active before."""
         with self.session() as s:
+            adapter = self._existing_adapter(s, tenant_id, name)
+            if version not in {v.version for v in adapter.versions}:
+                raise Missing(f"adapter '{name}' has no version {version}")
+            previous, adapter.active_version = adapter.active_version, version
+            return previous
+
+    def delete_version(self, tenant_id: str, name: str, version: int) -> None:
+        with self.session() as s:
+            adapter = self._existing_adapter(s, tenant_id, name)
+            row = next((v for v in adapter.versions if v.version == version), None)
+            if row is None:
+                raise Missing(f"adapter '{name}' has no version {version}")
+            if adapter.active_version == version:
+                raise Conflict(f"version {version} is active; activate another version or delete the adapter")
+            adapter.versions.remove(row)
+
+    def delete_adapter(self, tenant_id: str, name: str) -> list[int]:
+        """Delete an adapter and all its versions; returns the version numbers it had."""
+        with self.session() as s:
+            adapter = self._existing_adapter(s, tenant_id, name)
+            versions = [v.version for v in adapter.versions]
             tenant = s.get(Tenant, tenant_id)
-            if tenant is None:
-                raise LookupError(f"tenant '{tenant_id}' does not exist")
-            if name is not None and self._adapter(s, tenant_id, name) is None:
-                raise LookupError(f"adapter '{name}' does not exist")
-            tenant.default_adapter = name
+            if tenant.default_adapter == name:
+                tenant.default_adapter = None
+            s.delete(adapter)
+            return versions
+
+    # Audit
+    def audit(self, actor: str, action: str, obj: str, result: str, detail: str | None = None) -> None:
+        with self.session() as s:
+            s.add(AuditRecord(actor=actor, action=action, object=obj[:256], result=result[:64],
+                              detail=detail and detail[:2000]))
+
+    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[AuditRecord]:
+        with self.session() as s:
+            stmt = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
+            if before_id is not None:
+                stmt = stmt.where(AuditRecord.id < before_id)
+            return list(s.scalars(stmt))
+
+    # Helpers
+    @staticmethod
+    def _tenant(s: Session, tenant_id: str) -> Tenant:
+        tenant = s.get(Tenant, tenant_id)
+        if tenant is None:
+            raise Missing(f"tenant '{tenant_id}' does not exist")
+        return tenant
 
     @staticmethod
     def _adapter(s: Session, tenant_id: str, name: str) -> Adapter | None:
         return s.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
 
+    def _existing_adapter(self, s: Session, tenant_id: str, name: str) -> Adapter:
+        adapter = self._adapter(s, tenant_id, name)
+        if adapter is None:
+            raise Missing(f"adapter '{name}' does not exist")
+        return adapter
+
 
 def _view(adapter: Adapter) -> AdapterView:
+    details = tuple(VersionView(v.version, v.rank, v.size_bytes, v.source, v.created_at) for v in adapter.versions)
     return AdapterView(
         tenant_id=adapter.tenant_id, name=adapter.name, active_version=adapter.active_version,
-        versions=tuple(v.version for v in adapter.versions), created_at=adapter.created_at,
+        versions=tuple(v.version for v in details), created_at=adapter.created_at, version_details=details,
     )
 
 

@@ -44,6 +44,13 @@ def identify_key(settings: Settings, store: Store, token: str | None) -> KeyIden
     return identity
 
 
+def authenticate_admin(settings: Settings, store: Store, authorization: str | None) -> KeyIdentity:
+    identity = identify_key(settings, store, bearer_token(authorization))
+    if not identity.is_admin:
+        raise Forbidden("This route needs an admin key.")
+    return identity
+
+
 def authenticate_tenant(
     settings: Settings, store: Store, authorization: str | None, tenant_header: str | None
 ) -> Tenant:

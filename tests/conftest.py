@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 ADMIN_KEY = "test-admin-key-not-secret"
 ENGINE_START_TIMEOUT = 600
+UPLOAD_LIMIT = 32 << 20
+UNPACKED_LIMIT = 64 << 20
 
 
 def free_port() -> int:
@@ -76,6 +78,13 @@ class Gateway:
     tenants: dict[str, Tenant] = field(default_factory=dict)
     adapter_sources: dict[tuple[str, str], Path] = field(default_factory=dict)
 
+    def admin(self, method: str, path: str, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}", **kwargs.pop("headers", {})}
+        return httpx.request(method, f"{self.url}/admin{path}", headers=headers, timeout=120, **kwargs)
+
+    def engine_models(self) -> set[str]:
+        return {m["id"] for m in httpx.get(f"{self.engine_url}/v1/models", timeout=30).json()["data"]}
+
     def client(self, key: str, **kwargs):
         from openai import OpenAI
 
@@ -113,6 +122,7 @@ def gateway(tmp_path_factory, base_model_path) -> Gateway:
     settings = Settings(
         _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
         base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
+        max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
     )
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))

@@ -10,6 +10,7 @@ from server.cli import first_run_setup
 from server.config import Settings
 from server.services import build_store
 from tests.adapter_files import write_adapter
+from tests.base_files import write_fake_base
 
 
 def loraserve(data_dir, *args):
@@ -42,6 +43,7 @@ def test_configured_admin_key_means_none_is_made(tmp_path, capsys):
 
 def test_tenant_key_and_adapter_commands(tmp_path):
     data = tmp_path / "data"
+    write_fake_base(data / "models" / "SmolLM2-135M-Instruct")  # where the default base model lives
     assert loraserve(data, "tenant", "create", "acme").returncode == 0
     made = loraserve(data, "key", "create", "--tenant", "acme")
     assert made.returncode == 0

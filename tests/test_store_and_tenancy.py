@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adapters.names import check_name, engine_name, is_valid_name
@@ -12,11 +14,12 @@ from server.errors import Forbidden, ModelNotFound, Unauthorized
 from server.store import Store
 from server.tenancy import authenticate_tenant, resolve_model
 from tests.adapter_files import write_adapter
+from tests.base_files import write_fake_base
 
 
 @pytest.fixture
 def world(tmp_path):
-    settings = Settings(_env_file=None, data_dir=tmp_path, base_model_path=tmp_path / "model",
+    settings = Settings(_env_file=None, data_dir=tmp_path, base_model_path=write_fake_base(tmp_path / "model"),
                         default_model_alias="my-model")
     store = Store(settings.db_url)
     store.create_schema()
@@ -94,3 +97,18 @@ def test_model_name_rule(world):
     for missing in ("secret", "secret@1", "bot@3", "bot@0", "bot@x", "globex--secret--v1", "../globex/secret", ""):
         with pytest.raises(ModelNotFound):
             resolve_model(settings, store, registry, acme, missing)
+
+
+def test_concurrent_publishes_get_distinct_versions(world, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, store, registry = world
+    sources = [write_adapter(tmp_path / f"src{i}", rank=2 + i % 3) for i in range(8)]
+    for name in ("fresh", "again", "third"):  # the race on a new adapter's first row is timing-dependent
+        with ThreadPoolExecutor(8) as pool:
+            published = list(pool.map(lambda src, n=name: registry.publish(src, "globex", n, origin="test"), sources))
+        assert sorted(p.version for p in published) == list(range(1, 9))
+        for p in published:  # each version holds the upload it was given, whole
+            assert p.manifest["rank"] == int(json.loads((p.path / "adapter_config.json").read_text())["r"])
+        assert store.get_adapter("globex", name).versions == tuple(range(1, 9))
+    assert list(registry.staging.iterdir()) == []

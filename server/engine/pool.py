@@ -4,13 +4,18 @@ The pool picks an engine for a request (one that already holds the adapter, else
 makes sure the adapter version is loaded there under its internal name before the request goes out.
 What an engine holds is remembered here; the memory is dropped when an engine restarts, and an engine
 that says it does not know a name we thought loaded is believed (see `forget`).
+
+A version that stops being served (another was activated, or it was deleted) is *retired*: unloaded
+from each engine as soon as no request is running on it there, so running requests finish on the
+weights they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from server.engine.client import AdapterLoadFailed, EngineClient
@@ -23,8 +28,13 @@ log = logging.getLogger("loraserve.pool")
 class EngineSlot:
     client: EngineClient
     loaded: set[str] = field(default_factory=set)
-    in_flight: int = 0
+    running: Counter[str] = field(default_factory=Counter)  # requests in flight, by engine model name
+    retiring: set[str] = field(default_factory=set)
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.running.values())
 
 
 class EnginePool:
@@ -32,6 +42,7 @@ class EnginePool:
         if not clients:
             raise ValueError("at least one engine is needed")
         self.slots = [EngineSlot(c) for c in clients]
+        self._tasks: set[asyncio.Task] = set()
 
     async def aclose(self) -> None:
         for slot in self.slots:
@@ -44,20 +55,41 @@ class EnginePool:
     def forget_all(self, index: int = 0) -> None:
         """The engine restarted: it holds no adapters any more."""
         self.slots[index].loaded.clear()
+        self.slots[index].retiring.clear()
 
     def forget(self, slot: EngineSlot, engine_model: str) -> None:
         slot.loaded.discard(engine_model)
 
     async def acquire(self, engine_model: str, adapter_path: str | None) -> EngineSlot:
-        """An engine ready to serve `engine_model`, counted busy until `release`."""
+        """An engine ready to serve `engine_model`, counted busy with it until `release`."""
         slot = self._choose(engine_model)
         if adapter_path is not None:
             await self._ensure_loaded(slot, engine_model, adapter_path)
-        slot.in_flight += 1
+        slot.retiring.discard(engine_model)  # asked for again (NAME@N): keep it
+        slot.running[engine_model] += 1
         return slot
 
-    def release(self, slot: EngineSlot) -> None:
-        slot.in_flight -= 1
+    def release(self, slot: EngineSlot, engine_model: str) -> None:
+        slot.running[engine_model] -= 1
+        if slot.running[engine_model] <= 0:
+            del slot.running[engine_model]
+            if engine_model in slot.retiring:
+                self._spawn(self._unload(slot, engine_model))
+
+    async def preload(self, engine_model: str, adapter_path: str) -> None:
+        """Load a version before its first request, on the engine that would serve it."""
+        await self._ensure_loaded(self._choose(engine_model), engine_model, adapter_path)
+
+    def retire(self, engine_models: Iterable[str]) -> None:
+        """Unload these versions everywhere once idle; a name forgotten now is reloaded if asked again."""
+        for name in engine_models:
+            for slot in self.slots:
+                if name not in slot.loaded:
+                    continue
+                if slot.running[name]:
+                    slot.retiring.add(name)
+                else:
+                    self._spawn(self._unload(slot, name))
 
     def _choose(self, engine_model: str) -> EngineSlot:
         holding = [s for s in self.slots if engine_model in s.loaded]
@@ -78,3 +110,20 @@ class EnginePool:
                 raise EngineUnavailable("The adapter could not be loaded on the inference engine.") from exc
             slot.loaded.add(name)
             log.info("loaded adapter %s on %s", name, slot.client.base_url)
+
+    async def _unload(self, slot: EngineSlot, name: str) -> None:
+        async with slot.locks[name]:
+            if slot.running[name] or name not in slot.loaded:
+                return  # picked up again meanwhile, or already gone
+            slot.retiring.discard(name)
+            slot.loaded.discard(name)
+            try:
+                await slot.client.unload_adapter(name)
+                log.info("unloaded adapter %s from %s", name, slot.client.base_url)
+            except Exception as exc:  # the engine may be down; a restart clears it anyway
+                log.warning("could not unload adapter %s from %s: %s", name, slot.client.base_url, exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until done, or the task may be collected
+        task.add_done_callback(self._tasks.discard)
