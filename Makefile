@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(PY) bench/gateway_latency.py
+	$(PY) bench/hot_load.py
 
 clean:
 	rm -rf $(VENV) .cache
