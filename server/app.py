@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
-from server.routes import admin, health, openai
+from server.routes import admin, files, fine_tuning, health, openai
 from server.services import Services
 
 log = logging.getLogger("loraserve.app")
@@ -28,18 +28,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc = services or Services.build(settings)
         svc.registry.prepare()
         app.state.services = svc
-        if svc.supervisor:
-            svc.supervisor.start()
+        for child in svc.children():
+            child.start()
         try:
             yield
         finally:
             svc.draining = True
-            if svc.supervisor:
-                await svc.supervisor.stop()
+            for child in svc.children():
+                await child.stop()
             await svc.pool.aclose()
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     app.include_router(openai.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)

@@ -14,17 +14,20 @@ from server.errors import PayloadTooLarge, api_error_body
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, default: int, uploads: int, upload_suffix: str = "/adapters"):
+    def __init__(self, app: ASGIApp, *, default: int, uploads: int):
         self.app = app
         self.default = default
         self.uploads = uploads
-        self.upload_suffix = upload_suffix
+
+    @staticmethod
+    def _is_upload(path: str) -> bool:
+        return path.endswith("/adapters") or path == "/v1/files"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.uploads if scope["path"].endswith(self.upload_suffix) else self.default
+        limit = self.uploads if self._is_upload(scope["path"]) else self.default
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_413(send)

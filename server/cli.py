@@ -6,6 +6,8 @@
     loraserve tenant create NAME     add a tenant            loraserve tenant list
     loraserve key create --tenant T  make a tenant key (or --admin); the secret is printed once
     loraserve adapter publish DIR --tenant T --name N      validate and publish an adapter folder
+    loraserve worker                 run queued fine-tuning jobs
+    loraserve train --tenant T --name N --data FILE        train an adapter here and publish it
 
 Settings come from LORASERVE_* environment variables (see the README).
 """
@@ -18,11 +20,15 @@ import sys
 from pathlib import Path
 
 from adapters.basemodel import BaseModelError, ensure_default_model, is_model_folder
-from adapters.names import InvalidName
+from adapters.names import InvalidName, check_name
 from adapters.validate import AdapterInvalid
 from server.config import Settings
 from server.services import build_registry, build_store
 from server.store import Store
+
+
+class TrainingRefused(Exception):
+    """The trained adapter was not better than the base model (--require-improvement)."""
 
 
 class CommandError(Exception):
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     try:
         return args.run(settings, args) or 0
-    except (CommandError, BaseModelError, AdapterInvalid, InvalidName, LookupError, ValueError) as exc:
+    except (CommandError, BaseModelError, AdapterInvalid, InvalidName, LookupError, ValueError, TrainingRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -67,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--tenant", required=True)
     publish.add_argument("--name", required=True)
     publish.set_defaults(run=cmd_adapter_publish)
+
+    sub.add_parser("worker", help="run queued fine-tuning jobs").set_defaults(run=cmd_worker)
+    train = sub.add_parser("train", help="train an adapter on a chat JSONL file and publish it")
+    train.add_argument("--tenant", required=True)
+    train.add_argument("--name", required=True)
+    train.add_argument("--data", required=True, type=Path, help="training conversations (JSONL)")
+    train.add_argument("--validation", type=Path, help="validation conversations (JSONL)")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=16)
+    train.add_argument("--require-improvement", action="store_true")
+    train.set_defaults(run=cmd_train)
     return parser
 
 
@@ -74,7 +94,7 @@ def cmd_up(settings: Settings, _args) -> None:
     prepare_model(settings)
     store = build_store(settings)
     first_run_setup(settings, store)
-    serve(settings)
+    serve(settings.model_copy(update={"run_worker": True}))
 
 
 def cmd_gateway(settings: Settings, _args) -> None:
@@ -110,6 +130,58 @@ def cmd_adapter_publish(settings: Settings, args) -> None:
     registry = build_registry(settings, store)
     registry.root.mkdir(parents=True, exist_ok=True)
     published = registry.publish(args.folder, args.tenant, args.name, origin="cli")
+    print(f"Published {args.tenant}/{args.name} version {published.version}; call it with model='{args.name}'.")
+
+
+def cmd_worker(settings: Settings, _args) -> None:
+    from server.worker import Worker
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_model(settings)
+    Worker(settings).run()
+
+
+def cmd_train(settings: Settings, args) -> None:
+    """The bundled job, run here with a progress bar, then published like an upload."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from adapters.train.job import NoImprovement, TrainConfig, run
+
+    check_name(args.name, "adapter")
+    store = build_store(settings)
+    store.require_tenant(args.tenant)
+    registry = build_registry(settings, store)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            base_model=prepare_model(settings), train_file=args.data, validation_file=args.validation,
+            output_dir=Path(tmp) / "adapter", epochs=args.epochs, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
+            require_improvement=args.require_improvement,
+        )
+        bar = tqdm(unit="step", desc="training")
+
+        def report(event: dict) -> None:
+            data = event.get("data") or {}
+            if event.get("type") == "step":
+                bar.total = data.get("total_steps")
+                bar.set_postfix(loss=f"{data.get('loss', 0):.4f}")
+                bar.update(1)
+            elif event.get("message"):
+                bar.write(event["message"])
+
+        try:
+            result = run(config, report)
+        except NoImprovement as exc:
+            raise TrainingRefused(str(exc)) from exc
+        finally:
+            bar.close()
+        published = registry.publish(config.output_dir, args.tenant, args.name, origin="cli-train")
+    validation, general = result["validation"], result["general"]
+    print(f"Validation loss ({validation['split']}): base {validation['base_loss']:.4f} -> adapter "
+          f"{validation['adapter_loss']:.4f}; general set: base {general['base_loss']:.4f} -> adapter "
+          f"{general['adapter_loss']:.4f}")
     print(f"Published {args.tenant}/{args.name} version {published.version}; call it with model='{args.name}'.")
 
 

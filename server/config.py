@@ -37,6 +37,13 @@ class Settings(BaseSettings):
         None, description="Extra `model` name meaning the tenant's default adapter (besides `default`)."
     )
     log_level: str = Field("info", description="Log level of the gateway.")
+    run_worker: bool = Field(
+        False, description="Run the training worker as a supervised child of the gateway (`loraserve up` does)."
+    )
+    worker_threads: int | None = Field(None, ge=1, description="CPU threads a training job may use.")
+    worker_heartbeat_timeout: float = Field(
+        60.0, gt=0, description="Seconds without a heartbeat before a running job's worker counts as dead."
+    )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body, uploads aside (413).")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter upload (413).")
     archive_max_files: int = Field(16, ge=2, description="Most entries an uploaded archive may hold.")
@@ -107,6 +114,20 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as LORASERVE_* variables, so a child process (the worker) sees the same."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = ("," if name == "engine_urls" else " ").join(value)
+            env[f"LORASERVE_{name.upper()}"] = str(value)
+        return env
 
     def engine_base_urls(self) -> list[str]:
         if self.engine_urls:

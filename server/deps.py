@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from server.jobstore import JobStore
 from server.services import Services
 from server.store import KeyIdentity, Tenant
 from server.tenancy import authenticate_admin, authenticate_tenant
@@ -19,6 +20,13 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_jobs(services: ServicesDep) -> JobStore:
+    return services.jobs
+
+
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
 
 
 def current_tenant(

@@ -9,8 +9,9 @@ from adapters.validate import BaseModelSpec
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.pool import EnginePool
-from server.engine.supervisor import EngineSupervisor
+from server.jobstore import JobStore
 from server.store import Store
+from server.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
 
 
 @dataclass
@@ -19,8 +20,13 @@ class Services:
     store: Store
     registry: Registry
     pool: EnginePool
-    supervisor: EngineSupervisor | None = None
+    supervisor: ChildSupervisor | None = None  # the embedded engine
+    worker: ChildSupervisor | None = None
     draining: bool = False
+
+    @property
+    def jobs(self) -> JobStore:
+        return JobStore(self.store)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -28,11 +34,19 @@ class Services:
         registry = build_registry(settings, store)
         clients = [EngineClient(url, read_timeout=settings.engine_read_timeout) for url in settings.engine_base_urls()]
         pool = EnginePool(clients)
-        supervisor = None
+        supervisor = worker = None
         if settings.embedded_engine:
-            supervisor = EngineSupervisor(settings, is_ready=pool.healthy, on_restart=pool.forget_all)
-        return cls(settings, store, registry, pool, supervisor)
+            supervisor = ChildSupervisor(
+                "engine", engine_command(settings), engine_env(settings), settings.log_dir / "engine.log",
+                is_ready=pool.healthy, start_timeout=settings.engine_start_timeout, on_restart=pool.forget_all,
+            )
+        if settings.run_worker:
+            env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}
+            worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
+        return cls(settings, store, registry, pool, supervisor, worker)
 
+    def children(self) -> list[ChildSupervisor]:
+        return [c for c in (self.supervisor, self.worker) if c is not None]
 
 def build_store(settings: Settings) -> Store:
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def test_the_fake_base_is_a_real_safetensors_file(tmp_path):
         assert f.get_tensor("model.layers.0.self_attn.v_proj.weight").shape == (KV_DIM, HIDDEN)
 
 
-@pytest.mark.skipif(not (REAL_BASE / "model.safetensors").is_file(), reason="the prepared base model is absent")
+@pytest.mark.usefixtures("base_model_path")  # prepares REAL_BASE once (tests/conftest.py)
 def test_shapes_of_the_real_base_model(tmp_path):
     base = spec(REAL_BASE)
     shapes = base.linear_shapes

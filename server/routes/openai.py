@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from server.db import epoch
 from server.deps import ServicesDep, TenantDep
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
 from server.relay import forward
@@ -26,7 +27,7 @@ def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     for adapter in services.store.list_adapters(tenant.id):
         if adapter.active_version is not None:
             cards.append(ModelCard(
-                id=adapter.name, created=int(adapter.created_at.timestamp()), owned_by=tenant.id,
+                id=adapter.name, created=epoch(adapter.created_at), owned_by=tenant.id,
                 parent=base, root=base,
             ))
     return ModelList(data=cards)

@@ -1,8 +1,7 @@
-"""The embedded engine: vLLM's OpenAI server as a supervised child process.
+"""Child processes the gateway keeps alive: the embedded engine (vLLM's OpenAI server) and the worker.
 
-Started in its own process group (vLLM forks workers) and bound to a private address; restarted with
-a growing back-off when it dies; stopped with SIGTERM then SIGKILL for the whole group. Its output goes
-to `<data_dir>/logs/engine.log`.
+Each runs in its own process group (vLLM forks workers), is restarted with a growing back-off when it
+dies, and is stopped with SIGTERM then SIGKILL for the whole group. Output goes to `<data_dir>/logs/`.
 """
 
 from __future__ import annotations
@@ -16,10 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from server.config import Settings
 
-log = logging.getLogger("loraserve.engine")
+log = logging.getLogger("loraserve.supervisor")
 
 
 def engine_command(settings: Settings) -> list[str]:
@@ -51,13 +51,19 @@ def engine_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class EngineSupervisor:
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "server.cli", "worker"]
+
+
+class ChildSupervisor:
     def __init__(
-        self, settings: Settings, *, is_ready: Callable[[], Awaitable[bool]],
+        self, name: str, command: list[str], env: dict[str, str], log_path: Path, *,
+        is_ready: Callable[[], Awaitable[bool]] | None = None, start_timeout: float = float("inf"),
         on_restart: Callable[[], None] = lambda: None,
     ):
-        self.settings = settings
+        self.name, self.command, self.env, self.log_path = name, command, env, log_path
         self.is_ready = is_ready
+        self.start_timeout = start_timeout
         self.on_restart = on_restart
         self.ready = asyncio.Event()
         self.process: subprocess.Popen | None = None
@@ -71,20 +77,19 @@ class EngineSupervisor:
         return self.process.pid if self.process else None
 
     def start(self) -> None:
-        """Spawn the engine and watch it; returns at once (readiness is the pool's health check)."""
+        """Spawn the child and watch it; returns at once."""
         self._spawn()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def _spawn(self) -> None:
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.settings.log_dir / "engine.log"
-        with log_path.open("ab") as out:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                engine_command(self.settings), env=engine_env(self.settings), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._spawned_at = time.monotonic()
-        log.info("engine started (pid %s, port %s, log %s)", self.process.pid, self.settings.engine_port, log_path)
+        log.info("%s started (pid %s, log %s)", self.name, self.process.pid, self.log_path)
 
     async def _watch(self) -> None:
         backoff = 1.0
@@ -101,8 +106,8 @@ class EngineSupervisor:
             self.restarts += 1
             if time.monotonic() - self._spawned_at > 300:
                 backoff = 1.0  # it had been healthy for a while: not a crash loop
-            log.error("engine exited with code %s; restarting in %.0f s (restart %d)",
-                      self.process.returncode, backoff, self.restarts)
+            log.error("%s exited with code %s; restarting in %.0f s (restart %d)",
+                      self.name, self.process.returncode, backoff, self.restarts)
             self.on_restart()
             await asyncio.sleep(backoff)
             if not self._stopping:
@@ -111,12 +116,12 @@ class EngineSupervisor:
 
     async def _check_start(self) -> None:
         age = time.monotonic() - self._spawned_at
-        if await self.is_ready():
+        if self.is_ready is None or await self.is_ready():
             self.ready.set()
-            log.info("engine ready after %.0f s", age)
-        elif age > self.settings.engine_start_timeout:
+            log.info("%s ready after %.0f s", self.name, age)
+        elif age > self.start_timeout:
             # Hung in start-up: kill it; the watch loop then restarts it like any other death.
-            log.error("engine not ready after %.0f s; killing it", age)
+            log.error("%s not ready after %.0f s; killing it", self.name, age)
             self._kill_group(signal.SIGKILL)
 
     async def stop(self, grace: float = 20.0) -> None:
@@ -132,7 +137,7 @@ class EngineSupervisor:
             await asyncio.sleep(0.2)
         self._kill_group(signal.SIGKILL)
         self.process.wait()
-        log.info("engine stopped")
+        log.info("%s stopped", self.name)
 
     def _kill_group(self, sig: int) -> None:
         if self.process is None:

@@ -1,0 +1,180 @@
+"""Chat training data: OpenAI's fine-tuning JSONL, checked line by line, tokenized with the base model's template.
+
+Each line is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`. The loss is on
+the assistant's tokens only, its end-of-turn token included so that the model learns to stop. An assistant
+message with `"weight": 0` is context, not a target, as in OpenAI's format. Every problem is reported with the
+file's role and its 1-based line number, because the tenant fixes the file, not us.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100  # the label PyTorch's cross-entropy skips
+MAX_PROBLEMS = 5  # enough to fix a file in one go without flooding the tenant with a broken file's every line
+
+
+class DataError(ValueError):
+    """The data is refused. The message names the file and the bad lines; `lines` holds their numbers."""
+
+    def __init__(self, message: str, lines: list[int] | None = None):
+        super().__init__(message)
+        self.lines = lines or []
+
+
+class TooLong(DataError):
+    """One conversation has more tokens than the job trains on."""
+
+    def __init__(self, length: int, max_seq_len: int):
+        super().__init__(f"{length} tokens, more than max_seq_len ({max_seq_len})")
+        self.length = length
+
+
+class Conversation(list):
+    """A conversation's messages (a plain list of dicts) that remembers its line number in the file."""
+
+    def __init__(self, messages: list[dict], line: int):
+        super().__init__(messages)
+        self.line = line
+
+
+class _BadLine(Exception):
+    """One line's problem, collected into a DataError."""
+
+
+def load_conversations(path: Path, *, role: str = "training file", max_examples: int = 50_000) -> list[list[dict]]:
+    """The file's conversations (each a `Conversation`, i.e. a list of message dicts with a `.line`).
+
+    Raises DataError naming up to MAX_PROBLEMS bad lines, or saying that the file is empty or too big."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"the {role} cannot be read: {exc.strerror or exc}") from exc
+    conversations: list[list[dict]] = []
+    problems: list[tuple[int, str]] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, spacing) are harmless
+        try:
+            conversations.append(Conversation(_parse_line(line), number))
+        except _BadLine as bad:
+            problems.append((number, str(bad)))
+            if len(problems) == MAX_PROBLEMS:
+                break
+        if len(conversations) > max_examples:
+            raise DataError(f"the {role} has more than {max_examples} examples; split it or use fewer")
+    if problems:
+        listed = "; ".join(f"line {number}: {problem}" for number, problem in problems)
+        more = f"; (stopped at the first {MAX_PROBLEMS} problems)" if len(problems) == MAX_PROBLEMS else ""
+        raise DataError(f"{role} {listed}{more}", [number for number, _ in problems])
+    if not conversations:
+        raise DataError(f"the {role} is empty")
+    return conversations
+
+
+def _parse_line(line: bytes) -> list[dict]:
+    """One line's messages, each as `{"role", "content"}` plus `"weight"` where given; or _BadLine."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _BadLine("not valid UTF-8") from None
+    except json.JSONDecodeError:
+        raise _BadLine("not valid JSON") from None
+    if not isinstance(record, dict) or "messages" not in record:
+        raise _BadLine('must be a JSON object with a "messages" list')
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise _BadLine('"messages" must be a list')
+    if not messages:
+        raise _BadLine("empty conversation")
+    cleaned = []
+    for index, message in enumerate(messages, start=1):
+        where = f" (message {index})"
+        if not isinstance(message, dict):
+            raise _BadLine(f'each message must be an object with "role" and "content"{where}')
+        role = message.get("role")
+        if role not in ROLES:
+            raise _BadLine(f"role {role!r} is not one of {', '.join(ROLES)}{where}")
+        if not isinstance(message.get("content"), str):
+            raise _BadLine(f"content must be a string{where}")
+        entry = {"role": role, "content": message["content"]}
+        if "weight" in message:
+            weight = message["weight"]
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise _BadLine(f"weight must be 0 or 1{where}")
+            if role != "assistant":
+                raise _BadLine(f"weight is only allowed on assistant messages{where}")
+            entry["weight"] = weight
+        cleaned.append(entry)
+    if cleaned[0]["role"] == "assistant":
+        raise _BadLine("the conversation starts with an assistant message; put the prompt it answers before it")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in cleaned):
+        raise _BadLine("no assistant message to learn from")
+    return cleaned
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
+    """`(input_ids, labels)` for one conversation; labels are IGNORE except on the learned assistant turns.
+
+    Each assistant turn is located by rendering the conversation up to it: the turn's tokens are those
+    between `messages[:i]` with the generation prompt and `messages[:i + 1]`. That holds only if the chat
+    template renders earlier turns identically whatever follows them, which is checked, not assumed.
+    Raises TooLong past `max_seq_len` tokens, DataError if the template cannot render the conversation."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    input_ids = _render(tokenizer, plain)
+    if len(input_ids) > max_seq_len:
+        raise TooLong(len(input_ids), max_seq_len)
+    labels = [IGNORE] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        prompt = _render(tokenizer, plain[:i], add_generation_prompt=True)
+        turn = _render(tokenizer, plain[: i + 1])
+        if input_ids[: len(prompt)] != prompt or input_ids[: len(turn)] != turn or len(turn) <= len(prompt):
+            raise DataError("the base model's chat template does not render earlier turns the same way once later "
+                            "ones follow, so the assistant's tokens cannot be located; this conversation's shape "
+                            "(e.g. where its system message is) may be what the template rewrites")
+        start, end = len(prompt), len(turn)
+        # Learn the end-of-turn token but not what a template adds after it (ChatML's newline): generation
+        # stops at that token, so nothing after it is ever produced.
+        ends = [j for j in range(start, end) if input_ids[j] == tokenizer.eos_token_id]
+        if ends:
+            end = ends[-1] + 1
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's token ids. transformers 5 may answer with a BatchEncoding; we want the plain list."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                            return_dict=False)
+    except Exception as exc:  # the template is a program over the data: its refusals are the data's problem
+        raise DataError(f"the base model's chat template cannot render this conversation: {exc}") from exc
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def tokenize_all(tokenizer, conversations: list[list[dict]], max_seq_len: int,
+                 role: str = "training file") -> list[tuple[list[int], list[int]]]:
+    """Every conversation's `(input_ids, labels)`. Over-long ones are refused by line number, never truncated:
+    cutting a conversation would silently train on a reply without its end, or on no reply at all."""
+    examples, too_long = [], []
+    for index, messages in enumerate(conversations):
+        line = getattr(messages, "line", index + 1)
+        try:
+            examples.append(tokenize_conversation(tokenizer, messages, max_seq_len))
+        except TooLong as exc:
+            too_long.append((line, exc.length))
+        except DataError as exc:
+            raise DataError(f"{role} line {line}: {exc}", [line]) from exc
+    if too_long:
+        shown = ", ".join(f"line {line} ({length} tokens)" for line, length in too_long[:MAX_PROBLEMS])
+        more = f" and {len(too_long) - MAX_PROBLEMS} more" if len(too_long) > MAX_PROBLEMS else ""
+        raise DataError(f"{role}: {len(too_long)} example(s) are longer than max_seq_len ({max_seq_len} tokens): "
+                        f"{shown}{more}; shorten or split them, or raise max_seq_len",
+                        [line for line, _ in too_long])
+    return examples

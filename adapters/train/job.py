@@ -1,0 +1,322 @@
+"""The training job: a LoRA adapter for the base model, trained with PEFT on a tenant's chat data.
+
+Read it top to bottom, like nanoGPT's train.py: check the data, load the model, measure the base model,
+train, measure the adapter, save. Progress is a stream of events `{"type", "message", "data"}` given to
+`report`. Run as a program, `python -m adapters.train.job CONFIG.json` writes each event as one JSON line
+on stdout, the last `{"type": "result", "data": {...}}` or `{"type": "error", "code", "message"}`, and exits
+0 (done), 2 (the data is refused), 3 (no improvement) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The base model is a local folder and nothing is ever fetched from a model hub; set before transformers loads.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
+
+GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what the adapter makes the model forget
+MAX_GRAD_NORM = 1.0  # clipping keeps one odd batch from wrecking a small adapter
+
+
+class Cancelled(Exception):
+    """`should_stop` asked the job to stop; nothing was saved."""
+
+
+class NoImprovement(Exception):
+    """The adapter does not beat the base model on the validation data; nothing was saved."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One job's settings, checked on creation so that a bad request fails before any work is done."""
+
+    base_model: Path
+    train_file: Path
+    validation_file: Path | None = None
+    output_dir: Path
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learning_rate: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 4
+    max_seq_len: int = 1024
+    seed: int = 0
+    use_rslora: bool = False
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn this many times faster than the A's
+    require_improvement: bool = False
+    threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("base_model", "train_file", "validation_file", "output_dir"):
+            value = getattr(self, name)
+            if not (value is None and name == "validation_file"):
+                _check(name, value, isinstance(value, str | Path) and str(value) != "", "a path")
+                setattr(self, name, Path(value))
+        targets = self.target_modules
+        _check("target_modules", targets, isinstance(targets, list | tuple) and len(targets) > 0
+               and all(isinstance(t, str) and t for t in targets), "a non-empty list of module names")
+        self.target_modules = tuple(targets)
+        for name, (ok, need) in _RULES.items():
+            _check(name, getattr(self, name), ok(getattr(self, name)), need)
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_RULES = {  # field: (test, what the value must be)
+    "rank": (lambda v: _int_in(v, 1, 256), "a whole number from 1 to 256"),
+    "epochs": (lambda v: _int_in(v, 1, 100), "a whole number from 1 to 100"),
+    "batch_size": (lambda v: _int_in(v, 1, 256), "a whole number from 1 to 256"),
+    "max_seq_len": (lambda v: _int_in(v, 16, 32768), "a whole number from 16 to 32768"),
+    "seed": (lambda v: _int_in(v, 0, 2**32 - 1), "a whole number from 0 to 2**32 - 1"),
+    "threads": (lambda v: v is None or _int_in(v, 1, 1024), "null or a whole number from 1 to 1024"),
+    "learning_rate": (lambda v: _real(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+    "dropout": (lambda v: _real(v) and 0 <= v < 1, "a number from 0 up to, not including, 1"),
+    "alpha": (lambda v: _real(v) and 0 < v <= 4096, "a number above 0 and at most 4096"),
+    "loraplus_lr_ratio": (lambda v: v is None or (_real(v) and 0 < v <= 1000), "null or a number above 0 up to 1000"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "require_improvement": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check(name: str, value, ok: bool, need: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {need}, not {value!r}")
+
+
+def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
+        should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train, measure and save one adapter; return its numbers. Raises DataError, NoImprovement, Cancelled."""
+    started = time.monotonic()
+
+    def emit(kind: str, message: str, **data) -> None:
+        report({"type": kind, "message": message, "data": data})
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.output_dir.exists() and any(config.output_dir.iterdir()):
+        raise ValueError(f"output_dir {config.output_dir} is not empty")
+
+    # 1. The data, checked in full before anything heavy: a bad file should fail in seconds.
+    train_conversations = load_conversations(config.train_file, role="training file")
+    validation_conversations = (load_conversations(config.validation_file, role="validation file")
+                                if config.validation_file else None)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ValueError(f"the base model {config.base_model} has no chat template to render conversations with")
+    train = tokenize_all(tokenizer, train_conversations, config.max_seq_len, "training file")
+    split, validation = "training", train
+    if validation_conversations:
+        split = "validation"
+        validation = tokenize_all(tokenizer, validation_conversations, config.max_seq_len, "validation file")
+    general = tokenize_all(tokenizer, load_conversations(GENERAL_SET, role="general set"), 32768, "general set")
+    counts = {"train": _count(train), "validation": _count(validation) if split == "validation" else None}
+    emit("validating", f"Training file: {_describe(counts['train'])}; " + (
+        f"validation file: {_describe(counts['validation'])}" if counts["validation"] else
+        "no validation file, so the adapter is measured on the training set"), **counts, split=split)
+
+    # 2. The base model in float32 (CPU training), wrapped with fresh LoRA matrices: B starts at zero, A at random.
+    emit("loading", f"Loading the base model from {config.base_model}")
+    model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32, local_files_only=True)
+    torch.manual_seed(config.seed)
+    model = get_peft_model(model, LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
+        use_rslora=config.use_rslora, task_type="CAUSAL_LM"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # 3. The base model's loss, the yardstick: on the tenant's validation data and on general facts.
+    with model.disable_adapter():
+        base_loss = evaluate(model, validation, config.batch_size, pad_id, should_stop)
+        base_general = evaluate(model, general, config.batch_size, pad_id, should_stop)
+    emit("eval", f"Base model: loss {base_loss:.4f} on the {split} set, {base_general:.4f} on the general set",
+         stage="before", split=split, validation_loss=base_loss, general_loss=base_general)
+
+    # 4. Train: AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate.
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, total_steps // 10)
+    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rng, order = random.Random(config.seed), list(range(len(train)))
+    step = trained_tokens = 0
+    for epoch in range(1, config.epochs + 1):
+        rng.shuffle(order)
+        model.train()
+        epoch_loss = epoch_count = 0
+        for start in range(0, len(order), config.batch_size):
+            if should_stop():
+                raise Cancelled(f"cancelled after {step} of {total_steps} steps")
+            batch = collate([train[i] for i in order[start:start + config.batch_size]], pad_id)
+            loss_sum, count = token_loss(model, *batch)
+            loss = loss_sum / count
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training diverged: the loss is {loss.item()} at step {step + 1}; "
+                                   "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            trained_tokens += int(batch[1].sum())
+            epoch_loss, epoch_count = epoch_loss + loss_sum.item(), epoch_count + count
+            emit("step", f"Step {step}/{total_steps} (epoch {epoch}): loss {loss.item():.4f}", step=step,
+                 total_steps=total_steps, epoch=epoch, loss=loss.item(), trained_tokens=trained_tokens)
+    train_loss = epoch_loss / epoch_count
+
+    # 5. The adapter on the same data. A rise on the general set is forgetting: the tenant should see it.
+    adapter_loss = evaluate(model, validation, config.batch_size, pad_id, should_stop)
+    adapter_general = evaluate(model, general, config.batch_size, pad_id, should_stop)
+    forgetting = "; the general set's loss rose: some general ability is lost" if adapter_general > base_general else ""
+    emit("eval", f"Adapter: loss {adapter_loss:.4f} on the {split} set (base {base_loss:.4f}), "
+         f"{adapter_general:.4f} on the general set (base {base_general:.4f}){forgetting}",
+         stage="after", split=split, validation_loss=adapter_loss, general_loss=adapter_general)
+
+    # 6. Refuse to hand back an adapter that is worse than none (`not <` also catches a NaN loss).
+    if config.require_improvement and not adapter_loss < base_loss:
+        raise NoImprovement(f"The adapter's loss on the {split} set is {adapter_loss:.4f}, not lower than the base "
+                            f"model's {base_loss:.4f}; nothing was saved. Try more data, epochs or another learning "
+                            "rate.")
+    if not math.isfinite(adapter_loss):
+        raise RuntimeError("training diverged: the adapter's loss is not finite; lower the learning rate")
+
+    # 7. Save: adapter_config.json + adapter_model.safetensors, naming the base model folder it was made for.
+    model.save_pretrained(config.output_dir)
+    (config.output_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template; not kept
+
+    result = {"trained_tokens": trained_tokens, "steps": step, "train_loss": train_loss,
+              "validation": {"split": split, "base_loss": base_loss, "adapter_loss": adapter_loss},
+              "general": {"base_loss": base_general, "adapter_loss": adapter_general},
+              "seconds": round(time.monotonic() - started, 2)}
+    emit("done", f"Adapter saved to {config.output_dir} after {step} steps in {result['seconds']:.0f} s", **result)
+    return result
+
+
+def param_groups(model, config: TrainConfig) -> list[dict]:
+    """The trainable LoRA matrices: A at the learning rate, B at `loraplus_lr_ratio` times it (LoRA+) if given."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if "lora_B" not in n], "lr": config.learning_rate},
+            {"params": [p for n, p in named if "lora_B" in n],
+             "lr": config.learning_rate * (config.loraplus_lr_ratio or 1.0)}]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """`(input_ids, attention_mask, labels)`, right-padded to the longest example; padding is never learned."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in examples])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples])
+    labels = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in examples])
+    return input_ids, mask, labels
+
+
+def token_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """The summed cross-entropy over the learned tokens, and how many there are (so means weigh every token)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, pad_id: int, should_stop: Callable[[], bool]) -> float:
+    """The mean loss per learned (assistant) token over the examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        if should_stop():
+            raise Cancelled("cancelled while measuring the model")
+        loss_sum, n = token_loss(model, *collate(examples[start:start + batch_size], pad_id))
+        total, count = total + loss_sum.item(), count + n
+    return total / count
+
+
+def _count(examples) -> dict:
+    return {"examples": len(examples), "tokens": sum(len(ids) for ids, _ in examples),
+            "learned_tokens": sum(sum(1 for t in labels if t != IGNORE) for _, labels in examples)}
+
+
+def _describe(count: dict) -> str:
+    return f"{count['examples']} examples, {count['tokens']} tokens ({count['learned_tokens']} to learn)"
+
+
+def load_config(path: Path) -> TrainConfig:
+    """A TrainConfig from a JSON object of its fields."""
+    settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(settings, dict):
+        raise ValueError("the job's config must be a JSON object of TrainConfig fields")
+    try:
+        return TrainConfig(**settings)
+    except TypeError as exc:  # an unknown or missing field, named by the dataclass
+        raise ValueError(f"bad job config: {exc}; the fields are {[f.name for f in fields(TrainConfig)]}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The program: events as JSON lines on stdout, a traceback (if any) on stderr, the outcome as exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    out = sys.stdout
+
+    def emit(event: dict) -> None:
+        out.write(json.dumps(_json_safe(event), default=str) + "\n")
+        out.flush()  # the worker reads progress as it happens
+
+    # Libraries that print would corrupt the JSON stream, so anything else written to stdout goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            if len(args) != 1:
+                raise ValueError("usage: python -m adapters.train.job CONFIG_JSON_PATH")
+            result = run(load_config(Path(args[0])), emit)
+        except DataError as exc:
+            emit({"type": "error", "code": "invalid_training_file", "message": str(exc)})
+            return 2
+        except NoImprovement as exc:
+            emit({"type": "error", "code": "no_improvement", "message": str(exc)})
+            return 3
+        except Exception as exc:
+            traceback.print_exc()
+            emit({"type": "error", "code": "training_failed", "message": f"{type(exc).__name__}: {exc}"})
+            return 1
+    emit({"type": "result", "data": result})
+    return 0
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity (a diverged loss): they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
