@@ -35,6 +35,7 @@ lint: install
 bench: install
 	$(PY) bench/gateway_latency.py
 	$(PY) bench/hot_load.py
+	$(PY) bench/training.py
 
 clean:
 	rm -rf $(VENV) .cache
