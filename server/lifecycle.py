@@ -10,6 +10,7 @@ activate (roll back or forward), delete. Each step keeps the three consistent fo
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +20,7 @@ from adapters.registry import PublishedVersion
 from server.engine.client import AdapterLoadFailed
 from server.errors import EngineUnavailable, Unprocessable
 from server.services import Services
+from server.training import files_dir
 
 log = logging.getLogger("loraserve.lifecycle")
 
@@ -68,8 +70,10 @@ async def delete_adapter(services: Services, tenant: str, name: str) -> None:
 
 
 async def delete_tenant(services: Services, tenant: str) -> None:
+    """The tenant's keys, adapters, files and jobs go with it (the database cascades the rows)."""
     gone = await run_in_threadpool(services.store.delete_tenant, tenant)
     await run_in_threadpool(services.registry.remove, tenant)
+    await run_in_threadpool(shutil.rmtree, files_dir(services.settings, tenant), True)
     services.pool.retire(engine_name(tenant, name, v) for name, v in gone)
 
 

@@ -27,8 +27,12 @@ DEFAULT_BATCH_SIZE = 4
 _CHUNK = 1 << 20
 
 
+def files_dir(settings: Settings, tenant_id: str) -> Path:
+    return settings.data_dir.resolve() / "files" / check_name(tenant_id, "tenant")
+
+
 def file_path(settings: Settings, tenant_id: str, file_id: str) -> Path:
-    return settings.data_dir.resolve() / "files" / check_name(tenant_id, "tenant") / file_id
+    return files_dir(settings, tenant_id) / file_id
 
 
 def store_file(settings: Settings, jobs: JobStore, tenant: Tenant, upload: UploadFile, purpose: str):
