@@ -6,12 +6,12 @@ EXTRA  ?= cpu
 # Re-install when pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(EXTRA)-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: serve test install lint bench clean
+.PHONY: serve test install prometheus lint bench clean
 
 serve: install
 	$(VENV)/bin/loraserve up
 
-test: install
+test: install prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
@@ -28,6 +28,11 @@ $(STAMP):
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Debian's Prometheus and promtool, for the metrics tests.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from server.access_log import AccessLog
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
@@ -45,20 +46,28 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(admin.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)
+    app.add_middleware(AccessLog)  # outermost: sees every response, the 413s above included
     _install_error_handlers(app)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def known_error(_: Request, exc: Exception) -> JSONResponse:
+    def rejected(request: Request, reason: str) -> None:
+        services = getattr(request.app.state, "services", None)
+        if services is not None:
+            services.metrics.rejected(reason)
+
+    async def known_error(request: Request, exc: Exception) -> JSONResponse:
         error = as_api_error(exc)
+        rejected(request, error.reason)
         return JSONResponse(api_error_body(error), status_code=error.status, headers=error.headers())
 
     for kind in (APIError, *domain_errors()):
         app.add_exception_handler(kind, known_error)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        rejected(request, "validation")
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
         param = ".".join(loc) or None
@@ -70,7 +79,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        rejected(request, "not_found" if exc.status_code == 404 else "validation")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         message = "Unknown route." if exc.status_code == 404 else str(exc.detail)
         return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code,

@@ -30,7 +30,7 @@ class BodySizeLimit:
         limit = self.uploads if self._is_upload(scope["path"]) else self.default
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_413(send)
+            await _send_413(scope, send)
             return
         seen = 0
         exceeded = False
@@ -52,7 +52,7 @@ class BodySizeLimit:
             if exceeded:
                 if not started:
                     started = True
-                    await _send_413(send)
+                    await _send_413(scope, send)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -63,10 +63,13 @@ class BodySizeLimit:
             if not exceeded:
                 raise  # a cut-off body makes the application fail; that failure is the 413
         if exceeded and not started:
-            await _send_413(send)
+            await _send_413(scope, send)
 
 
-async def _send_413(send: Send) -> None:
+async def _send_413(scope: Scope, send: Send) -> None:
+    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    if services is not None:
+        services.metrics.rejected("validation")
     error = PayloadTooLarge("The request body is larger than this server accepts.")
     body = json.dumps(api_error_body(error)).encode()
     await send({"type": "http.response.start", "status": 413,

@@ -15,7 +15,6 @@ Settings come from LORASERVE_* environment variables (see the README).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from adapters.basemodel import BaseModelError, ensure_default_model, is_model_fo
 from adapters.names import InvalidName, check_name
 from adapters.validate import AdapterInvalid
 from server.config import Settings
+from server.logs import configure_logging
 from server.services import build_registry, build_store
 from server.store import Store
 
@@ -136,7 +136,7 @@ def cmd_adapter_publish(settings: Settings, args) -> None:
 def cmd_worker(settings: Settings, _args) -> None:
     from server.worker import Worker
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     prepare_model(settings)
     Worker(settings).run()
 
@@ -212,12 +212,11 @@ def serve(settings: Settings) -> None:
 
     from server.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
+    configure_logging(settings.log_level, settings.log_format)
     print(f"Gateway on http://{settings.host}:{settings.port} (ready when /readyz says so; "
           f"the engine's first start takes about a minute, log: {settings.log_dir / 'engine.log'})", flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                log_config=None, timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
         None, description="Extra `model` name meaning the tenant's default adapter (besides `default`)."
     )
     log_level: str = Field("info", description="Log level of the gateway.")
+    log_format: Literal["json", "text"] = Field("json", description="JSON lines (one per record), or plain text.")
     run_worker: bool = Field(
         False, description="Run the training worker as a supervised child of the gateway (`loraserve up` does)."
     )

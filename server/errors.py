@@ -16,6 +16,7 @@ class APIError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = "internal_error"
+    reason: str = "internal"  # the rejection reason in metrics: a fixed, small set
     default_retry_after: float | None = None
 
     def __init__(
@@ -37,18 +38,22 @@ class APIError(Exception):
 
 class BadRequest(APIError):
     status, type, code = 400, "invalid_request_error", None
+    reason = "validation"
 
 
 class Unauthorized(APIError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
+    reason = "auth"
 
 
 class Forbidden(APIError):
     status, type, code = 403, "permission_error", "permission_denied"
+    reason = "auth"
 
 
 class NotFound(APIError):
     status, type, code = 404, "invalid_request_error", "not_found"
+    reason = "not_found"
 
 
 class ModelNotFound(NotFound):
@@ -63,22 +68,27 @@ class ModelNotFound(NotFound):
 
 class Conflict(APIError):
     status, type, code = 409, "invalid_request_error", "conflict"
+    reason = "validation"
 
 
 class PayloadTooLarge(APIError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+    reason = "validation"
 
 
 class Unprocessable(APIError):
     status, type, code = 422, "invalid_request_error", "unprocessable_entity"
+    reason = "validation"
 
 
 class RateLimited(APIError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    reason = "limit"
 
 
 class EngineUnavailable(APIError):
     status, type, code = 503, "server_error", "engine_unavailable"
+    reason = "engine_unavailable"
     default_retry_after = 5.0
 
 

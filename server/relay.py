@@ -26,12 +26,12 @@ from server.errors import (
     Unprocessable,
     api_error_body,
 )
+from server.metrics import RequestRecorder
 from server.protocol import GenerationRequest
 from server.tenancy import ModelRoute
 
 log = logging.getLogger("loraserve.relay")
 
-UsageCallback = Callable[[int, int], None]
 _ENGINE_STATUS = {400: BadRequest, 404: NotFound, 413: PayloadTooLarge, 422: Unprocessable, 429: RateLimited}
 
 
@@ -40,16 +40,17 @@ class _EngineForgotModel(Exception):
 
 
 async def forward(
-    pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, on_usage: UsageCallback
+    pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, recorder: RequestRecorder
 ) -> Response:
     """Serve `request` on an engine; one retry when the engine had silently lost the adapter."""
     for attempt in (1, 2):
-        slot = await pool.acquire(route.engine_model, route.path and str(route.path))
+        slot, load_seconds = await pool.acquire(route.engine_model, route.path and str(route.path))
         release = _Once(lambda slot=slot: pool.release(slot, route.engine_model))
+        recorder.engine_sent(load_seconds)
         try:
             if request.stream:
-                return await _stream(slot, route, endpoint, request, on_usage, release)
-            return await _complete(slot, route, endpoint, request, on_usage)
+                return await _stream(slot, route, endpoint, request, recorder, release)
+            return await _complete(slot, route, endpoint, request, recorder)
         except _EngineForgotModel:
             pool.forget(slot, route.engine_model)
             if attempt == 2 or route.path is None:
@@ -60,18 +61,19 @@ async def forward(
     raise AssertionError("unreachable")
 
 
-async def _complete(slot: EngineSlot, route, endpoint, request, on_usage) -> Response:
+async def _complete(slot: EngineSlot, route, endpoint, request, recorder: RequestRecorder) -> Response:
     reply = await slot.client.complete(endpoint, request.engine_payload(route.engine_model))
     if reply.status != 200:
         raise _engine_error(reply.status, reply.body, route)
     body = reply.json()
     body["model"] = route.requested
     usage = body.get("usage") or {}
-    on_usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    recorder.usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    recorder.finished(200)
     return JSONResponse(body)
 
 
-async def _stream(slot: EngineSlot, route, endpoint, request, on_usage, release: _Once) -> Response:
+async def _stream(slot: EngineSlot, route, endpoint, request, recorder: RequestRecorder, release: _Once) -> Response:
     """Open the engine's stream; its status decides the HTTP status before any byte is sent. From
     then on the response owns the connection and the engine slot."""
     try:
@@ -86,11 +88,12 @@ async def _stream(slot: EngineSlot, route, endpoint, request, on_usage, release:
             await response.aclose()
             release()
 
-    async def finish() -> None:
+    async def finish(status: int = 200) -> None:
         await response.aclose()  # closing the connection makes vLLM abort an unfinished request
         release()
+        recorder.finished(status)
 
-    events = _relay_events(response, route, request.wants_usage, on_usage, finish)
+    events = _relay_events(response, route, request.wants_usage, recorder, finish)
     # The background task also runs when the client left before the first byte was sent.
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
@@ -109,9 +112,10 @@ class _Once:
 
 
 async def _relay_events(
-    response: httpx.Response, route: ModelRoute, wants_usage: bool, on_usage: UsageCallback,
-    finish: Callable[[], Awaitable[None]],
+    response: httpx.Response, route: ModelRoute, wants_usage: bool, recorder: RequestRecorder,
+    finish: Callable[[int], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
+    status = 200
     try:
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
@@ -122,12 +126,15 @@ async def _relay_events(
                 continue
             event = json.loads(data)
             if "error" in event:
+                status = 503
                 log.error("engine error event for %s: %s", route.engine_model, data[:500])
                 event = api_error_body(EngineUnavailable("The inference engine failed during the response."))
             else:
+                if event.get("choices"):
+                    recorder.first_token()
                 usage = event.get("usage")
                 if usage:
-                    on_usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    recorder.usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                     if not wants_usage:
                         if not event.get("choices"):
                             continue  # the usage-only chunk the client did not ask for
@@ -135,10 +142,11 @@ async def _relay_events(
                 event["model"] = route.requested
             yield _sse(event)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        status = 503
         log.error("engine stream for %s broke: %s", route.engine_model, type(exc).__name__)
         yield _sse(api_error_body(EngineUnavailable("The inference engine failed during the response.")))
     finally:
-        await finish()
+        await finish(status)
 
 
 def _sse(event: dict) -> bytes:

@@ -8,8 +8,10 @@ from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
 from server.config import Settings
 from server.engine.client import EngineClient
-from server.engine.pool import EnginePool
+from server.engine.pool import EnginePool, PoolObserver
 from server.jobstore import JobStore
+from server.metrics import Metrics
+from server.metrics_state import metrics_state
 from server.store import Store
 from server.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
 
@@ -20,6 +22,7 @@ class Services:
     store: Store
     registry: Registry
     pool: EnginePool
+    metrics: Metrics
     supervisor: ChildSupervisor | None = None  # the embedded engine
     worker: ChildSupervisor | None = None
     draining: bool = False
@@ -33,20 +36,33 @@ class Services:
         store = build_store(settings)
         registry = build_registry(settings, store)
         clients = [EngineClient(url, read_timeout=settings.engine_read_timeout) for url in settings.engine_base_urls()]
-        pool = EnginePool(clients)
+        metrics = Metrics(state=lambda: metrics_state(store, pool))  # read at scrape time, pool set below
+        pool = EnginePool(clients, observer=_MetricsObserver(metrics))
         supervisor = worker = None
         if settings.embedded_engine:
             supervisor = ChildSupervisor(
                 "engine", engine_command(settings), engine_env(settings), settings.log_dir / "engine.log",
-                is_ready=pool.healthy, start_timeout=settings.engine_start_timeout, on_restart=pool.forget_all,
+                is_ready=pool.healthy, start_timeout=settings.engine_start_timeout,
+                on_restart=lambda: (pool.forget_all(), metrics.engine_restarts.inc()),
             )
         if settings.run_worker:
             env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
-        return cls(settings, store, registry, pool, supervisor, worker)
+        return cls(settings, store, registry, pool, metrics, supervisor, worker)
 
     def children(self) -> list[ChildSupervisor]:
         return [c for c in (self.supervisor, self.worker) if c is not None]
+
+class _MetricsObserver(PoolObserver):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def loaded(self, engine: str, seconds: float) -> None:
+        self.metrics.adapter_loaded(engine, seconds)
+
+    def unloaded(self, engine: str) -> None:
+        self.metrics.adapter_unloaded(engine)
+
 
 def build_store(settings: Settings) -> Store:
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,12 +25,23 @@ from server.errors import EngineUnavailable
 log = logging.getLogger("loraserve.pool")
 
 
+class PoolObserver:
+    """What the pool tells the outside (metrics) about loads and unloads; does nothing by default."""
+
+    def loaded(self, engine: str, seconds: float) -> None:
+        pass
+
+    def unloaded(self, engine: str) -> None:
+        pass
+
+
 @dataclass
 class EngineSlot:
     client: EngineClient
     loaded: set[str] = field(default_factory=set)
     running: Counter[str] = field(default_factory=Counter)  # requests in flight, by engine model name
     retiring: set[str] = field(default_factory=set)
+    up: bool = False  # as of the last health check
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     @property
@@ -38,10 +50,11 @@ class EngineSlot:
 
 
 class EnginePool:
-    def __init__(self, clients: list[EngineClient]):
+    def __init__(self, clients: list[EngineClient], observer: PoolObserver | None = None):
         if not clients:
             raise ValueError("at least one engine is needed")
         self.slots = [EngineSlot(c) for c in clients]
+        self.observer = observer or PoolObserver()
         self._tasks: set[asyncio.Task] = set()
 
     async def aclose(self) -> None:
@@ -50,6 +63,8 @@ class EnginePool:
 
     async def healthy(self) -> bool:
         results = await asyncio.gather(*(s.client.healthy() for s in self.slots))
+        for slot, up in zip(self.slots, results, strict=True):
+            slot.up = up
         return any(results)
 
     def forget_all(self, index: int = 0) -> None:
@@ -60,14 +75,16 @@ class EnginePool:
     def forget(self, slot: EngineSlot, engine_model: str) -> None:
         slot.loaded.discard(engine_model)
 
-    async def acquire(self, engine_model: str, adapter_path: str | None) -> EngineSlot:
-        """An engine ready to serve `engine_model`, counted busy with it until `release`."""
+    async def acquire(self, engine_model: str, adapter_path: str | None) -> tuple[EngineSlot, float]:
+        """An engine ready to serve `engine_model`, counted busy with it until `release`, and the
+        seconds this call spent loading the adapter there (0 when it was loaded already)."""
         slot = self._choose(engine_model)
+        load_seconds = 0.0
         if adapter_path is not None:
-            await self._ensure_loaded(slot, engine_model, adapter_path)
+            load_seconds = await self._ensure_loaded(slot, engine_model, adapter_path)
         slot.retiring.discard(engine_model)  # asked for again (NAME@N): keep it
         slot.running[engine_model] += 1
-        return slot
+        return slot, load_seconds
 
     def release(self, slot: EngineSlot, engine_model: str) -> None:
         slot.running[engine_model] -= 1
@@ -95,12 +112,13 @@ class EnginePool:
         holding = [s for s in self.slots if engine_model in s.loaded]
         return min(holding or self.slots, key=lambda s: s.in_flight)
 
-    async def _ensure_loaded(self, slot: EngineSlot, name: str, path: str) -> None:
+    async def _ensure_loaded(self, slot: EngineSlot, name: str, path: str) -> float:
         if name in slot.loaded:
-            return
+            return 0.0
+        started = time.perf_counter()
         async with slot.locks[name]:  # concurrent first requests load once
             if name in slot.loaded:
-                return
+                return time.perf_counter() - started  # waited for another request's load
             try:
                 await slot.client.load_adapter(name, path)
             except AdapterLoadFailed as exc:
@@ -109,7 +127,10 @@ class EnginePool:
                 log.error("engine refused adapter %s: %s (%s)", name, exc, exc.status)
                 raise EngineUnavailable("The adapter could not be loaded on the inference engine.") from exc
             slot.loaded.add(name)
-            log.info("loaded adapter %s on %s", name, slot.client.base_url)
+            seconds = time.perf_counter() - started
+            self.observer.loaded(slot.client.base_url, seconds)
+            log.info("loaded adapter %s on %s in %.3f s", name, slot.client.base_url, seconds)
+            return seconds
 
     async def _unload(self, slot: EngineSlot, name: str) -> None:
         async with slot.locks[name]:
@@ -119,6 +140,7 @@ class EnginePool:
             slot.loaded.discard(name)
             try:
                 await slot.client.unload_adapter(name)
+                self.observer.unloaded(slot.client.base_url)
                 log.info("unloaded adapter %s from %s", name, slot.client.base_url)
             except Exception as exc:  # the engine may be down; a restart clears it anyway
                 log.warning("could not unload adapter %s from %s: %s", name, slot.client.base_url, exc)

@@ -144,9 +144,15 @@ async def upload_adapter(
     async with audited(services, admin, "adapter.upload", f"{tenant}/{name[:63]}"):
         check_name(tenant, "tenant")
         check_name(name, "adapter")
-        await run_in_threadpool(services.store.require_tenant, tenant)
-        with staged_upload(services.settings, services.registry.staging, archive, files) as folder:
-            await lifecycle.publish(services, folder, tenant, name, origin="upload")
+        try:
+            await run_in_threadpool(services.store.require_tenant, tenant)
+            with staged_upload(services.settings, services.registry.staging, archive, files) as folder:
+                await lifecycle.publish(services, folder, tenant, name, origin="upload")
+        except Exception as exc:
+            error = as_api_error(exc)
+            services.metrics.upload(False, (error.code or error.reason) if error else "internal")
+            raise
+        services.metrics.upload(True)
     return await run_in_threadpool(_adapter_out, services, tenant, name)
 
 

@@ -7,9 +7,10 @@ import os
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from server.deps import ServicesDep
+from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 
@@ -30,6 +31,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     ready = engine and database and registry and not services.draining
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(services: ServicesDep) -> Response:
+    """Prometheus text format. Engine health is checked now, so `loraserve_engine_up` is current."""
+    await services.pool.healthy()
+    body = await run_in_threadpool(services.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 async def _check(fn, *args) -> bool:

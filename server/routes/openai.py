@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import logging
+import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from server.db import epoch
 from server.deps import ServicesDep, TenantDep
+from server.errors import as_api_error
+from server.metrics import RequestRecorder
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
 from server.relay import forward
 from server.services import Services
 from server.store import Tenant
 from server.tenancy import resolve_model
 
-log = logging.getLogger("loraserve.requests")
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
@@ -34,22 +35,30 @@ def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep, services: ServicesDep) -> Response:
-    return await _generate(services, tenant, "/v1/chat/completions", body)
+async def chat_completions(
+    body: ChatCompletionRequest, tenant: TenantDep, services: ServicesDep, request: Request
+) -> Response:
+    return await _generate(services, tenant, request, "/v1/chat/completions", body)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, tenant: TenantDep, services: ServicesDep) -> Response:
-    return await _generate(services, tenant, "/v1/completions", body)
+async def completions(body: CompletionRequest, tenant: TenantDep, services: ServicesDep, request: Request) -> Response:
+    return await _generate(services, tenant, request, "/v1/completions", body)
 
 
-async def _generate(services: Services, tenant: Tenant, endpoint: str, body: GenerationRequest) -> Response:
-    route = await run_in_threadpool(
-        resolve_model, services.settings, services.store, services.registry, tenant, body.model
-    )
-
-    def on_usage(prompt_tokens: int, completion_tokens: int) -> None:
-        log.info("usage tenant=%s model=%s prompt_tokens=%d completion_tokens=%d",
-                 tenant.id, route.requested, prompt_tokens, completion_tokens)
-
-    return await forward(services.pool, route, endpoint, body, on_usage)
+async def _generate(
+    services: Services, tenant: Tenant, request: Request, endpoint: str, body: GenerationRequest
+) -> Response:
+    started = getattr(request.state, "started", None) or time.perf_counter()
+    recorder = RequestRecorder(services.metrics, started, tenant.id, endpoint)
+    request.state.recorder = recorder  # the access log reads tenant, adapter and tokens from it
+    try:
+        route = await run_in_threadpool(
+            resolve_model, services.settings, services.store, services.registry, tenant, body.model
+        )
+        recorder.adapter = route.adapter or "base"
+        return await forward(services.pool, route, endpoint, body, recorder)
+    except Exception as exc:
+        error = as_api_error(exc)
+        recorder.finished(error.status if error else 500)
+        raise
