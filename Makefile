@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/gateway_latency.py
 	$(PY) bench/hot_load.py
 	$(PY) bench/training.py
+	$(PY) bench/metrics_overhead.py
 
 clean:
 	rm -rf $(VENV) .cache
