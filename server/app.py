@@ -15,6 +15,7 @@ from server.access_log import AccessLog
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
+from server.protocol import ErrorResponse
 from server.routes import admin, files, fine_tuning, health, openai
 from server.services import Services
 
@@ -40,10 +41,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             await svc.pool.aclose()
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
-    app.include_router(openai.router)
-    app.include_router(files.router)
-    app.include_router(fine_tuning.router)
-    app.include_router(admin.router)
+    # Document the one error shape on every API route (clients and schema fuzzers read it).
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
+    for router in (openai.router, files.router, fine_tuning.router, admin.router):
+        app.include_router(router, responses=errors)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)
     app.add_middleware(AccessLog)  # outermost: sees every response, the 413s above included
