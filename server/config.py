@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout: float = Field(
         60.0, gt=0, description="Seconds without a heartbeat before a running job's worker counts as dead."
     )
+    max_in_flight: int = Field(
+        256, ge=1, description="Requests the gateway serves at once; beyond it, 503 with Retry-After."
+    )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body, uploads aside (413).")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter upload (413).")
     archive_max_files: int = Field(16, ge=2, description="Most entries an uploaded archive may hold.")

@@ -80,6 +80,7 @@ class RequestRecorder:
         self.prompt_tokens = self.completion_tokens = 0
         self._first = False
         self._done = False
+        self.on_finish: Callable[[int], None] = lambda tokens: None  # gets the tokens used
 
     def engine_sent(self, load_seconds: float) -> None:
         if load_seconds:
@@ -101,6 +102,7 @@ class RequestRecorder:
         if self._done:
             return
         self._done = True
+        self.on_finish(self.prompt_tokens + self.completion_tokens)
         self.first_token()  # a non-streamed answer's first token arrives with its last
         self.metrics.requests.labels(self.tenant, self.adapter, self.route, str(status)).inc()
         self.metrics.duration.labels(self.tenant, self.adapter).observe(time.perf_counter() - self.started)

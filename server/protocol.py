@@ -1,13 +1,15 @@
 """Request and response models of the OpenAI-compatible API and the error shape.
 
-Requests are validated only as far as the gateway needs (the model name, streaming flags, the shape of
-messages); other OpenAI fields pass through to the engine, which knows them best.
+Generation requests take an allowlist of OpenAI's sampling fields (plus vLLM's common ones: top_k, min_p,
+repetition_penalty, min_tokens), each bounded. Anything else is refused with a 400 naming the field,
+because fields such as chat templates, their arguments or guided-decoding back-ends reach the engine's
+internals, and the engine trusts what it is given.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,20 +28,39 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+Stop = Annotated[str, Field(max_length=256)]
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=8)
+    stop: Stop | list[Stop] | None = Field(None, max_length=8)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(max_length=16)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = Field(None, max_length=256)
+    top_k: int | None = Field(None, ge=-1, le=1000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_tokens: int | None = Field(None, ge=0, le=4096)
 
     def engine_payload(self, engine_model: str) -> dict[str, Any]:
         """The body for the engine: the client's, with our model name, and usage always reported on
         streams (the gateway counts it; the relay drops it again if the client did not ask)."""
-        payload = self.model_dump(exclude_unset=True, exclude_none=False)
+        payload = self.model_dump(exclude_unset=True, exclude_none=True)
         payload["model"] = engine_model
         if self.stream:
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
@@ -49,19 +70,36 @@ class GenerationRequest(BaseModel):
     def wants_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str = Field(min_length=1, max_length=32)
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, tool_call_id...: data, not engine settings
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=64)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
 
 
 class ModelCard(BaseModel):

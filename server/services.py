@@ -10,6 +10,7 @@ from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.pool import EnginePool, PoolObserver
 from server.jobstore import JobStore
+from server.limits import Limiter
 from server.metrics import Metrics
 from server.metrics_state import metrics_state
 from server.store import Store
@@ -23,6 +24,7 @@ class Services:
     registry: Registry
     pool: EnginePool
     metrics: Metrics
+    limiter: Limiter
     supervisor: ChildSupervisor | None = None  # the embedded engine
     worker: ChildSupervisor | None = None
     draining: bool = False
@@ -48,7 +50,7 @@ class Services:
         if settings.run_worker:
             env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
-        return cls(settings, store, registry, pool, metrics, supervisor, worker)
+        return cls(settings, store, registry, pool, metrics, Limiter(settings.max_in_flight), supervisor, worker)
 
     def children(self) -> list[ChildSupervisor]:
         return [c for c in (self.supervisor, self.worker) if c is not None]

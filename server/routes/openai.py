@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from server.db import epoch
 from server.deps import ServicesDep, TenantDep
-from server.errors import as_api_error
+from server.errors import BadRequest, as_api_error
 from server.metrics import RequestRecorder
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
 from server.relay import forward
@@ -53,6 +53,9 @@ async def _generate(
     recorder = RequestRecorder(services.metrics, started, tenant.id, endpoint)
     request.state.recorder = recorder  # the access log reads tenant, adapter and tokens from it
     try:
+        limits = tenant.limits or {}
+        recorder.on_finish = services.limiter.admit(tenant.id, limits).release
+        _apply_max_tokens(body, limits.get("max_tokens"))
         route = await run_in_threadpool(
             resolve_model, services.settings, services.store, services.registry, tenant, body.model
         )
@@ -62,3 +65,15 @@ async def _generate(
         error = as_api_error(exc)
         recorder.finished(error.status if error else 500)
         raise
+
+
+def _apply_max_tokens(body: GenerationRequest, limit: int | None) -> None:
+    """Hold the request to the tenant's `max_tokens`: refuse a larger ask, cap an open one."""
+    if limit is None:
+        return
+    asked = body.requested_tokens
+    if asked is not None and asked > limit:
+        raise BadRequest(f"max_tokens is {asked}, above this tenant's limit of {limit}.", param="max_tokens",
+                         code="max_tokens_exceeded")
+    if asked is None:
+        body.max_tokens = limit
