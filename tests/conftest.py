@@ -29,6 +29,7 @@ MODEL_CACHE = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 ADMIN_KEY = "test-admin-key-not-secret"
 ENGINE_START_TIMEOUT = 600
 UPLOAD_LIMIT = 32 << 20
+ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
 
 
@@ -122,6 +123,7 @@ def gateway(tmp_path_factory, base_model_path) -> Gateway:
     settings = Settings(
         _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
         base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
+        engine_read_timeout=ENGINE_READ_TIMEOUT,
         max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
     )
     app = create_app(settings)
