@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/hot_load.py
 	$(PY) bench/training.py
 	$(PY) bench/metrics_overhead.py
+	$(PY) bench/fairness.py
 
 clean:
 	rm -rf $(VENV) .cache

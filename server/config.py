@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         256, ge=1, description="Requests the gateway serves at once; beyond it, 503 with Retry-After."
     )
+    tenant_max_concurrent_requests: int | None = Field(
+        16, ge=1, description="Concurrent requests per tenant when its own limits do not say (fair sharing)."
+    )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body, uploads aside (413).")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter upload (413).")
     archive_max_files: int = Field(16, ge=2, description="Most entries an uploaded archive may hold.")

@@ -53,7 +53,7 @@ async def _generate(
     recorder = RequestRecorder(services.metrics, started, tenant.id, endpoint)
     request.state.recorder = recorder  # the access log reads tenant, adapter and tokens from it
     try:
-        limits = tenant.limits or {}
+        limits = {"max_concurrent_requests": services.settings.tenant_max_concurrent_requests, **(tenant.limits or {})}
         recorder.on_finish = services.limiter.admit(tenant.id, limits).release
         _apply_max_tokens(body, limits.get("max_tokens"))
         route = await run_in_threadpool(
