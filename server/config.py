@@ -6,6 +6,7 @@ Every field can be set as an environment variable with the prefix `LORASERVE_` (
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -93,10 +94,27 @@ class Settings(BaseSettings):
             return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
         return value
 
+    @field_validator("engine_host")
+    @classmethod
+    def _private_engine(cls, value: str) -> str:
+        """The engine trusts any adapter name and path it is sent: it must never face tenants."""
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            if value != "localhost":
+                raise ValueError("engine_host must be a loopback or private IP address (or localhost)") from None
+            return value
+        if not (address.is_loopback or address.is_private) or address.is_unspecified:
+            raise ValueError(f"engine_host {value} is not a loopback or private address; the engine must stay private")
+        return value
+
     @field_validator("engine_extra_args", mode="before")
     @classmethod
     def _split_args(cls, value):
-        return value.split() if isinstance(value, str) else value
+        args = value.split() if isinstance(value, str) else value
+        if any(a.split("=")[0] in ("--host", "--port") for a in args):
+            raise ValueError("set the engine's address with LORASERVE_ENGINE_HOST/PORT, not extra args")
+        return args
 
     @property
     def embedded_engine(self) -> bool:

@@ -112,3 +112,16 @@ def test_concurrent_publishes_get_distinct_versions(world, tmp_path):
             assert p.manifest["rank"] == int(json.loads((p.path / "adapter_config.json").read_text())["r"])
         assert store.get_adapter("globex", name).versions == tuple(range(1, 9))
     assert list(registry.staging.iterdir()) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.5", "::1"])
+def test_engine_may_listen_privately(host):
+    assert Settings(_env_file=None, engine_host=host).engine_host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "8.8.8.8", "engine.example.com"])
+def test_engine_may_not_listen_publicly(host):
+    with pytest.raises(ValueError, match="engine"):
+        Settings(_env_file=None, engine_host=host)
+    with pytest.raises(ValueError, match="LORASERVE_ENGINE_HOST"):
+        Settings(_env_file=None, engine_extra_args="--host 0.0.0.0")
