@@ -12,7 +12,7 @@ serve: install
 	$(VENV)/bin/loraserve up
 
 test: install prometheus
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/pytest
 
 install: $(STAMP)
@@ -35,7 +35,7 @@ prometheus:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 lint: install
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check --no-cache .
 
 bench: install
 	$(PY) bench/gateway_latency.py

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters.archive import ArchiveLimits, unpack_archive
 from fastapi import UploadFile
 
+from adapters.archive import ArchiveLimits, unpack_archive
 from server.config import Settings
 from server.errors import BadRequest, PayloadTooLarge
 

@@ -39,6 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ok(url: str, process, log: Path, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200; fail with the tail of `log` if `process` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def base_model_path() -> Path:
     return ensure_default_model(MODEL_CACHE)

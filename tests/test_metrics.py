@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.adapter_files import write_adapter
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_ok
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 
@@ -33,15 +33,7 @@ def prometheus(gateway, tmp_path_factory):
          f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=(folder / "log").open("wb"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and process.poll() is None, (folder / "log").read_text()[-2000:]
-        time.sleep(0.3)
+    wait_until_ok(f"{url}/-/ready", process, folder / "log")
     yield url
     process.terminate()
     process.wait(30)

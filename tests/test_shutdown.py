@@ -14,7 +14,7 @@ import psutil
 
 from server.config import Settings
 from server.services import build_store
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_ok
 
 
 def test_sigterm_drains_running_streams_and_leaves_no_child(gateway, tmp_path):
@@ -29,15 +29,7 @@ def test_sigterm_drains_running_streams_and_leaves_no_child(gateway, tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "server.cli", "gateway"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "gateway.log").open("wb"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "gateway.log").read_text()
-        time.sleep(0.3)
+    wait_until_ok(f"{url}/readyz", server, tmp_path / "gateway.log")
     children = psutil.Process(server.pid).children(recursive=True)
     assert children, "the worker child should be running"
 
