@@ -78,7 +78,9 @@ class JobStore:
             rows = list(s.scalars(stmt.limit(limit + 1)))
             return rows[:limit], len(rows) > limit
 
-    def set_status(self, job_id: str, status: str, **fields) -> None:
+    def set_status(self, job_id: str, status: str, *, event: str | None = None, level: str = "info",
+                   event_type: str = "message", data: dict | None = None, **fields) -> None:
+        """Move a job to `status`, setting `fields`, with an optional event, in one transaction."""
         with self._session() as s:
             job = s.get(Job, job_id)
             job.status = status
@@ -86,6 +88,8 @@ class JobStore:
                 setattr(job, name, value)
             if status in FINISHED:
                 job.finished_at = utcnow()
+            if event is not None:
+                s.add(JobEvent(job_id=job_id, level=level, type=event_type, message=event[:2000], data=data))
 
     def request_cancel(self, tenant_id: str, job_id: str) -> Job:
         """Queued jobs are cancelled at once; a running job is flagged and its worker stops it."""

@@ -39,14 +39,14 @@ class _Bucket:
 class Ticket:
     """One admitted request; `release` once it is done, with the tokens it used."""
 
-    def __init__(self, limiter: Limiter, tenant: str):
-        self.limiter, self.tenant = limiter, tenant
+    def __init__(self, limiter: Limiter, tenant: str, tokens_per_minute: int | None):
+        self.limiter, self.tenant, self.tokens_per_minute = limiter, tenant, tokens_per_minute
         self._open = True
 
     def release(self, tokens: int) -> None:
         if self._open:
             self._open = False
-            self.limiter._release(self.tenant, tokens)
+            self.limiter._release(self, tokens)
 
 
 class Limiter:
@@ -56,11 +56,9 @@ class Limiter:
         self.running: defaultdict[str, int] = defaultdict(int)
         self.requests: dict[str, _Bucket] = {}
         self.tokens: dict[str, _Bucket] = {}
-        self.limits: dict[str, dict] = {}
 
     def admit(self, tenant: str, limits: dict) -> Ticket:
         """Let a request in, or raise 429 (a tenant limit) or 503 (the gateway is full)."""
-        self.limits[tenant] = limits
         concurrent = limits.get("max_concurrent_requests")
         if concurrent is not None and self.running[tenant] >= concurrent:
             raise RateLimited(f"More than {concurrent} concurrent requests for this tenant.", retry_after=1)
@@ -83,13 +81,13 @@ class Limiter:
             self.requests[tenant].level -= 1
         self.in_flight += 1
         self.running[tenant] += 1
-        return Ticket(self, tenant)
+        return Ticket(self, tenant, tpm)
 
-    def _release(self, tenant: str, tokens: int) -> None:
+    def _release(self, ticket: Ticket, tokens: int) -> None:
         self.in_flight -= 1
-        self.running[tenant] -= 1
-        tpm = self.limits.get(tenant, {}).get("tokens_per_minute")
+        self.running[ticket.tenant] -= 1
+        tpm = ticket.tokens_per_minute
         if tpm is not None and tokens:
-            bucket = self.tokens.setdefault(tenant, _Bucket(tpm, tpm))
+            bucket = self.tokens.setdefault(ticket.tenant, _Bucket(tpm, tpm))
             bucket.refill(tpm)
             bucket.level -= tokens

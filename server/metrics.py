@@ -93,10 +93,12 @@ class RequestRecorder:
             self._first = True
             self.metrics.ttft.labels(self.tenant, self.adapter).observe(time.perf_counter() - self.started)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
-        self.metrics.prompt_tokens.labels(self.tenant, self.adapter).inc(prompt_tokens)
-        self.metrics.completion_tokens.labels(self.tenant, self.adapter).inc(completion_tokens)
+    def usage(self, usage: dict) -> None:
+        """The engine's `usage` object of a finished answer."""
+        self.prompt_tokens = usage.get("prompt_tokens") or 0
+        self.completion_tokens = usage.get("completion_tokens") or 0
+        self.metrics.prompt_tokens.labels(self.tenant, self.adapter).inc(self.prompt_tokens)
+        self.metrics.completion_tokens.labels(self.tenant, self.adapter).inc(self.completion_tokens)
 
     def finished(self, status: int) -> None:
         if self._done:

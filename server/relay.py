@@ -67,8 +67,7 @@ async def _complete(slot: EngineSlot, route, endpoint, request, recorder: Reques
         raise _engine_error(reply.status, reply.body, route)
     body = reply.json()
     body["model"] = route.requested
-    usage = body.get("usage") or {}
-    recorder.usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    recorder.usage(body.get("usage") or {})
     recorder.finished(200)
     return JSONResponse(body)
 
@@ -128,13 +127,13 @@ async def _relay_events(
             if "error" in event:
                 status = 503
                 log.error("engine error event for %s: %s", route.engine_model, data[:500])
-                event = api_error_body(EngineUnavailable("The inference engine failed during the response."))
+                event = _broken_stream()
             else:
                 if event.get("choices"):
                     recorder.first_token()
                 usage = event.get("usage")
                 if usage:
-                    recorder.usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    recorder.usage(usage)
                     if not wants_usage:
                         if not event.get("choices"):
                             continue  # the usage-only chunk the client did not ask for
@@ -144,9 +143,13 @@ async def _relay_events(
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         status = 503
         log.error("engine stream for %s broke: %s", route.engine_model, type(exc).__name__)
-        yield _sse(api_error_body(EngineUnavailable("The inference engine failed during the response.")))
+        yield _sse(_broken_stream())
     finally:
         await finish(status)
+
+
+def _broken_stream() -> dict:
+    return api_error_body(EngineUnavailable("The inference engine failed during the response."))
 
 
 def _sse(event: dict) -> bytes:

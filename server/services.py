@@ -25,13 +25,10 @@ class Services:
     pool: EnginePool
     metrics: Metrics
     limiter: Limiter
+    jobs: JobStore
     supervisor: ChildSupervisor | None = None  # the embedded engine
     worker: ChildSupervisor | None = None
     draining: bool = False
-
-    @property
-    def jobs(self) -> JobStore:
-        return JobStore(self.store)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -50,7 +47,8 @@ class Services:
         if settings.run_worker:
             env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
-        return cls(settings, store, registry, pool, metrics, Limiter(settings.max_in_flight), supervisor, worker)
+        return cls(settings, store, registry, pool, metrics, Limiter(settings.max_in_flight), JobStore(store),
+                   supervisor, worker)
 
     def children(self) -> list[ChildSupervisor]:
         return [c for c in (self.supervisor, self.worker) if c is not None]

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import create_engine, event, func, select, text, update
@@ -60,6 +60,7 @@ class AdapterView:
 class KeyIdentity:
     key_id: str
     tenant_id: str | None  # None: an admin key
+    tenant: Tenant | None = field(default=None, compare=False)  # read with the key: one query per request
 
     @property
     def is_admin(self) -> bool:
@@ -126,9 +127,6 @@ class Store:
                 tenant.limits = dict(changes["limits"] or {})
             return tenant
 
-    def set_default_adapter(self, tenant_id: str, name: str | None) -> None:
-        self.update_tenant(tenant_id, default_adapter=name)
-
     def delete_tenant(self, tenant_id: str) -> list[tuple[str, int]]:
         """Delete a tenant with its keys and adapters; returns the (adapter, version) pairs it had."""
         with self.session() as s:
@@ -178,7 +176,8 @@ class Store:
                 return None
             if not hmac.compare_digest(row.secret_hash, _hash_secret(secret)):
                 return None
-            return KeyIdentity(row.id, row.tenant_id)
+            tenant = s.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
+            return KeyIdentity(row.id, row.tenant_id, tenant)
 
     def has_admin_key(self) -> bool:
         with self.session() as s:

@@ -68,10 +68,9 @@ def authenticate_tenant(
         raise Forbidden("This is an admin key; OpenAI routes take a tenant's key.")
     if tenant_header is not None and tenant_header != identity.tenant_id:
         raise Forbidden("X-Tenant-ID does not match the API key's tenant.")
-    tenant = store.get_tenant(identity.tenant_id)
-    if tenant is None:  # deleted while the key was in flight
+    if identity.tenant is None:  # deleted while the key was in flight
         raise Unauthorized("Invalid API key.")
-    return tenant
+    return identity.tenant
 
 
 @dataclass(frozen=True)

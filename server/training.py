@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -76,8 +77,7 @@ def create_job(settings: Settings, jobs: JobStore, tenant: Tenant, body: JobCrea
         if file_id is not None:
             jobs.get_file(tenant.id, file_id)  # 404 for a missing or another tenant's file
             paths[param] = file_path(settings, tenant.id, file_id)
-    job_id_hint = new_id("ft")[3:11]
-    suffix = body.suffix or f"ft-{job_id_hint}"
+    suffix = body.suffix or f"ft-{secrets.token_hex(4)}"
     try:
         check_name(suffix, "adapter")
     except InvalidName as exc:
@@ -97,11 +97,10 @@ def create_job(settings: Settings, jobs: JobStore, tenant: Tenant, body: JobCrea
     except DataError as exc:
         param = "validation_file" if "validation file" in str(exc) else "training_file"
         error = {"code": "invalid_training_file", "message": str(exc), "param": param}
-        jobs.add_event(job.id, str(exc), level="error")
-        jobs.set_status(job.id, "failed", error=error)
+        jobs.set_status(job.id, "failed", error=error, event=str(exc), level="error")
     else:
-        jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(body, len(train)))
-        jobs.add_event(job.id, f"Files validated: {len(train)} training examples. Job queued.")
+        jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(body, len(train)),
+                        event=f"Files validated: {len(train)} training examples. Job queued.")
     return jobs.get_job(tenant.id, job.id)
 
 

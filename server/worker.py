@@ -96,11 +96,10 @@ class Worker:
             ending = self._watch(job, child)
             reader.join(timeout=30)
         if ending == "cancelled":
-            self.jobs.set_status(job.id, "cancelled")
-            self.jobs.add_event(job.id, "Job cancelled; nothing was published.")
+            self.jobs.set_status(job.id, "cancelled", event="Job cancelled; nothing was published.")
         elif ending == "requeued":
-            self.jobs.set_status(job.id, "queued", worker_id=None)
-            self.jobs.add_event(job.id, "The worker stopped; the job is queued again.")
+            self.jobs.set_status(job.id, "queued", worker_id=None,
+                                 event="The worker stopped; the job is queued again.")
         elif child.returncode == 0 and outcome.result is not None:
             self._publish(job, output, outcome.result)
         else:
@@ -130,9 +129,11 @@ class Worker:
             elif kind == "error":
                 outcome.error = event
             elif kind == "step":
-                self.jobs.add_event(job.id, f"Step {data.get('step')}/{data.get('total_steps')}: training loss="
-                                    f"{data.get('loss', float('nan')):.4f}", type_="metrics", data=data)
-                self.jobs.set_status(job.id, "running", trained_tokens=data.get("trained_tokens"))
+                loss = data.get("loss")  # null when not finite
+                shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
+                message = f"Step {data.get('step')}/{data.get('total_steps')}: training loss={shown}"
+                self.jobs.set_status(job.id, "running", trained_tokens=data.get("trained_tokens"), event=message,
+                                     event_type="metrics", data=data)
             elif event.get("message"):
                 self.jobs.add_event(job.id, str(event["message"]), data=data or None)
 
@@ -140,14 +141,14 @@ class Worker:
         published = self.registry.publish(output, job.tenant_id, job.suffix, origin=job.id)
         model = f"{job.suffix}@{published.version}"
         self.jobs.set_status(job.id, "succeeded", fine_tuned_model=model, result=result,
-                             trained_tokens=result.get("trained_tokens"))
-        self.jobs.add_event(job.id, f"Published adapter '{job.suffix}' version {published.version}; "
-                            f"call it as model '{model}' (or '{job.suffix}').")
+                             trained_tokens=result.get("trained_tokens"),
+                             event=f"Published adapter '{job.suffix}' version {published.version}; "
+                             f"call it as model '{model}' (or '{job.suffix}').")
         log.info("job %s published %s/%s v%s", job.id, job.tenant_id, job.suffix, published.version)
 
     def _fail(self, job: Job, code: str, message: str) -> None:
-        self.jobs.set_status(job.id, "failed", error={"code": code, "message": message, "param": None})
-        self.jobs.add_event(job.id, message, level="error")
+        self.jobs.set_status(job.id, "failed", error={"code": code, "message": message, "param": None},
+                             event=message, level="error")
 
 
 class _Outcome:

@@ -91,7 +91,7 @@ def test_model_name_rule(world):
     assert (route.engine_model, route.version, route.requested) == ("acme--bot--v2", 2, "bot")
     assert resolve_model(settings, store, registry, acme, "bot@1").engine_model == "acme--bot--v1"
     assert route.path == settings.registry_path / "acme" / "bot" / "2"
-    store.set_default_adapter("acme", "bot")
+    store.update_tenant("acme", default_adapter="bot")
     acme = store.get_tenant("acme")
     assert resolve_model(settings, store, registry, acme, "default").engine_model == "acme--bot--v2"
     for missing in ("secret", "secret@1", "bot@3", "bot@0", "bot@x", "globex--secret--v1", "../globex/secret", ""):

@@ -28,7 +28,7 @@ from server.protocol import (
     VersionOut,
 )
 from server.services import Services
-from server.store import KeyIdentity, Missing
+from server.store import AdapterView, KeyIdentity, Missing
 from server.uploads import staged_upload
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -121,6 +121,11 @@ def _adapter_out(services: Services, tenant: str, name: str, with_manifests: boo
     adapter = services.store.get_adapter(tenant, name)
     if adapter is None:
         raise Missing(f"adapter '{name}' does not exist")
+    return _describe(services, adapter, with_manifests)
+
+
+def _describe(services: Services, adapter: AdapterView, with_manifests: bool = False) -> AdapterOut:
+    tenant, name = adapter.tenant_id, adapter.name
     versions = [
         VersionOut(version=v.version, active=v.version == adapter.active_version, rank=v.rank,
                    size_bytes=v.size_bytes, source=v.source, created_at=v.created_at,
@@ -159,7 +164,7 @@ async def upload_adapter(
 @router.get("/tenants/{tenant}/adapters")
 def list_adapters(tenant: str, _: AdminDep, services: ServicesDep) -> ListOf[AdapterOut]:
     services.store.require_tenant(check_name(tenant, "tenant"))
-    return ListOf(data=[_adapter_out(services, tenant, a.name) for a in services.store.list_adapters(tenant)])
+    return ListOf(data=[_describe(services, a) for a in services.store.list_adapters(tenant)])
 
 
 @router.get("/tenants/{tenant}/adapters/{name}")
