@@ -6,12 +6,12 @@ EXTRA  ?= cpu
 # Re-install when pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(EXTRA)-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: serve test install prometheus lint bench clean
+.PHONY: serve test install system-packages lint bench clean
 
 serve: install
 	$(VENV)/bin/loraserve up
 
-test: install prometheus
+test: install system-packages
 	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/pytest
 
@@ -29,10 +29,13 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Debian's Prometheus and promtool, for the metrics tests.
-prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+# Debian packages the tests run for real: Prometheus and promtool (metrics), PostgreSQL (several
+# gateways on one database) and the docker-compose client (checks the compose files; no engine needed).
+SYSTEM_PACKAGES := prometheus postgresql docker-compose
+system-packages:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
 
 lint: install
 	$(VENV)/bin/ruff check --no-cache .

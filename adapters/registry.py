@@ -3,17 +3,20 @@
 Publishing copies the adapter into a staging folder on the same file system (`<root>/.staging`),
 validates the copy (never the source, which could change underneath), writes `manifest.json`, fsyncs,
 and renames the folder into place. A crash leaves either the whole version or nothing; leftovers in
-the staging folder are removed at start-up. The database row is written after the rename and records
+the staging folder are removed at a later start-up, once an hour old (gateways sharing the registry may
+be publishing meanwhile). The database row is written after the rename and records
 which version is active.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +26,7 @@ from adapters.validate import ADAPTER_FILES, BaseModelSpec, validate_adapter_dir
 
 MANIFEST_FILE = "manifest.json"
 _STAGING = ".staging"
+_STALE_AFTER_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,19 @@ class Registry:
         self.staging = self.root / _STAGING
 
     def prepare(self) -> None:
-        """Create the folders and drop whatever an interrupted publish left in staging."""
+        """Create the folders and drop what interrupted publishes left in staging. Only leftovers older
+        than an hour go: gateways sharing this registry may be publishing right now."""
         self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
+        self.staging.mkdir(exist_ok=True)
+        cutoff = time.time() - _STALE_AFTER_SECONDS
+        for entry in self.staging.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def version_path(self, tenant: str, name: str, version: int) -> Path:
         path = (self.root / check_name(tenant, "tenant") / check_name(name, "adapter") / str(int(version)))

@@ -85,3 +85,24 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("| " + " | ".join("---" if i == 0 else "---:" for i in range(len(header))) + " |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def make_adapters(base_model: Path, out: Path, count: int) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    folders = []
+    for i in range(count):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 0.02)
+        peft_model.save_pretrained(out / f"a{i}")
+        folders.append(out / f"a{i}")
+    return folders

@@ -18,30 +18,9 @@ from pathlib import Path
 
 import httpx
 import psutil
-from harness import BenchServer, print_table
+from harness import BenchServer, make_adapters, print_table
 
 ASK = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
-
-
-def make_adapters(base_model: Path, out: Path, count: int) -> list[Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    folders = []
-    for i in range(count):
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0.0, 0.02)
-        peft_model.save_pretrained(out / f"a{i}")
-        folders.append(out / f"a{i}")
-    return folders
 
 
 def upload(client: httpx.Client, server: BenchServer, name: str, folder: Path) -> None:

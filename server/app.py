@@ -3,6 +3,7 @@ exceptions become HTTP responses."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -32,10 +33,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.state.services = svc
         for child in svc.children():
             child.start()
+        watch = asyncio.create_task(svc.pool.watch(settings.engine_health_interval))
         try:
             yield
         finally:
             svc.draining = True
+            watch.cancel()
             for child in svc.children():
                 await child.stop()
             await svc.pool.aclose()

@@ -2,7 +2,9 @@
 
     loraserve up                     prepare the model, first-run set-up, then gateway + engine
     loraserve gateway                the gateway alone (embedded engine unless engine URLs are set)
+    loraserve engine [--listen ADDR] the vLLM engine alone, with the gateway's flags (containers, k8s)
     loraserve model prepare          prepare the default base model into the data folder
+    loraserve db upgrade             migrate the database to the newest schema (gateways also do on start)
     loraserve tenant create NAME     add a tenant            loraserve tenant list
     loraserve key create --tenant T  make a tenant key (or --admin); the secret is printed once
     loraserve adapter publish DIR --tenant T --name N      validate and publish an adapter folder
@@ -51,8 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="prepare, set up on first run, and serve").set_defaults(run=cmd_up)
     sub.add_parser("gateway", help="serve the gateway (and its embedded engine)").set_defaults(run=cmd_gateway)
 
+    engine = sub.add_parser("engine", help="run the vLLM engine alone, with the flags the gateway would give it")
+    engine.add_argument(
+        "--listen", metavar="ADDRESS",
+        help="address to bind instead of LORASERVE_ENGINE_HOST, e.g. 0.0.0.0 inside a container or pod "
+        "whose network only the gateway reaches (the engine must never face tenants)",
+    )
+    engine.set_defaults(run=cmd_engine)
+
     model = sub.add_parser("model", help="the base model").add_subparsers(required=True, metavar="ACTION")
     model.add_parser("prepare", help="prepare the default base model").set_defaults(run=cmd_model_prepare)
+
+    db = sub.add_parser("db", help="the database").add_subparsers(required=True, metavar="ACTION")
+    db.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(run=cmd_db_upgrade)
 
     tenant = sub.add_parser("tenant", help="tenants").add_subparsers(required=True, metavar="ACTION")
     create = tenant.add_parser("create", help="add a tenant")
@@ -103,8 +116,33 @@ def cmd_gateway(settings: Settings, _args) -> None:
     serve(settings)
 
 
+def cmd_engine(settings: Settings, args) -> None:
+    """Replace this process with vLLM's OpenAI server (so signals and exit status are the engine's own)."""
+    import os
+
+    from server.supervisor import engine_command, engine_env
+
+    prepare_model(settings)
+    command = engine_command(settings)
+    if args.listen:
+        command[command.index("--host") + 1] = args.listen
+    print("Starting the engine:", " ".join(command), flush=True)
+    os.execvpe(command[0], command, engine_env(settings))
+
+
 def cmd_model_prepare(settings: Settings, _args) -> None:
     print(f"Base model ready at {prepare_model(settings)}")
+
+
+def cmd_db_upgrade(settings: Settings, _args) -> None:
+    """Alembic's upgrade to the newest revision, under the same lock gateways take when they start."""
+    from server.migrations import head
+    from server.store import database_url
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    revision = Store(settings.db_url).create_schema()
+    where = database_url(settings.db_url).render_as_string(hide_password=True)
+    print(f"Database {where} is at schema revision {revision} (newest: {head()}).")
 
 
 def cmd_tenant_create(settings: Settings, args) -> None:

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated vLLM server URLs. Empty: run one engine as a supervised child.",
     )
+    engine_routing: Literal["affinity", "round_robin"] = Field(
+        "affinity",
+        description="How requests are spread over several engines: `affinity` sends an adapter's requests "
+        "to the engine that holds it while that engine has capacity; `round_robin` ignores adapters.",
+    )
+    engine_capacity: int = Field(
+        64, ge=1, description="Requests one engine runs at once before affinity routing spills an adapter's "
+        "traffic to another engine.",
+    )
+    engine_health_interval: float = Field(
+        2.0, gt=0, description="Seconds between engine health checks (an engine that fails one leaves rotation)."
+    )
     engine_host: str = Field("127.0.0.1", description="Address of the embedded engine (private).")
     engine_port: int = Field(8001, description="Port of the embedded engine.")
     engine_max_loras: int = Field(4, ge=1, description="Adapters in one batch on the engine (--max-loras).")

@@ -92,6 +92,11 @@ class EngineUnavailable(APIError):
     default_retry_after = 5.0
 
 
+class EngineUnreachable(EngineUnavailable):
+    """No connection to the engine, or it went away before answering: safe to try another engine,
+    since no output was produced for the client."""
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

@@ -3,6 +3,8 @@
 Every read takes the tenant: another tenant's file or job reads exactly like one that does not exist.
 Job states: validating_files -> queued -> running -> succeeded | failed | cancelled. A worker claims a
 queued job atomically and keeps a heartbeat; a job whose worker died is failed (see `server.worker`).
+Claims are atomic across processes and hosts too: on PostgreSQL a worker locks the queued rows it looks at
+(`FOR NO KEY UPDATE SKIP LOCKED`, so workers never wait on each other) and the claim re-checks the status.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from server.db import Job, JobEvent, StoredFile, utcnow
-from server.store import Missing, Store
+from server.store import ROW_LOCK, Missing, Store, has_nul, storable
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -33,13 +35,14 @@ class JobStore:
     # Files
     def add_file(self, file_id: str, tenant_id: str, filename: str, purpose: str, size: int) -> StoredFile:
         with self._session() as s:
-            row = StoredFile(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size)
+            row = StoredFile(id=file_id, tenant_id=tenant_id, filename=storable(filename), purpose=purpose,
+                             bytes=size)
             s.add(row)
             return row
 
     def get_file(self, tenant_id: str, file_id: str) -> StoredFile:
         with self._session() as s:
-            row = s.get(StoredFile, file_id)
+            row = None if has_nul(file_id) else s.get(StoredFile, file_id)
             if row is None or row.tenant_id != tenant_id:
                 raise Missing(f"No file with id '{file_id[:64]}'.")
             return row
@@ -51,7 +54,7 @@ class JobStore:
 
     def delete_file(self, tenant_id: str, file_id: str) -> None:
         with self._session() as s:
-            row = s.get(StoredFile, file_id)
+            row = None if has_nul(file_id) else s.get(StoredFile, file_id)
             if row is None or row.tenant_id != tenant_id:
                 raise Missing(f"No file with id '{file_id[:64]}'.")
             s.delete(row)
@@ -89,12 +92,13 @@ class JobStore:
             if status in FINISHED:
                 job.finished_at = utcnow()
             if event is not None:
-                s.add(JobEvent(job_id=job_id, level=level, type=event_type, message=event[:2000], data=data))
+                s.add(JobEvent(job_id=job_id, level=level, type=event_type, message=storable(event)[:2000],
+                               data=data))
 
     def request_cancel(self, tenant_id: str, job_id: str) -> Job:
         """Queued jobs are cancelled at once; a running job is flagged and its worker stops it."""
         with self._session() as s:
-            job = self._job(s, tenant_id, job_id)
+            job = self._job(s, tenant_id, job_id, lock=True)  # a worker cannot claim it meanwhile
             if job.status in FINISHED:
                 return job
             if job.status == "running":
@@ -107,7 +111,8 @@ class JobStore:
     def claim_next(self, worker_id: str) -> Job | None:
         """Take the oldest queued job for this worker, or None. Safe against other workers."""
         with self._session() as s:
-            for job_id in s.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at).limit(5)):
+            queued = select(Job.id).where(Job.status == "queued").order_by(Job.created_at).limit(5)
+            for job_id in s.scalars(queued.with_for_update(skip_locked=True, **ROW_LOCK)):
                 claimed = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
                     status="running", worker_id=worker_id, heartbeat_at=utcnow()))
                 if claimed.rowcount == 1:
@@ -138,7 +143,7 @@ class JobStore:
         """Fail a job whose worker died mid-job; nothing of it was published."""
         message = "The worker running this job stopped before it finished; nothing was published."
         with self._session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=ROW_LOCK)  # two workers reaping it fail it once
             if job is None or job.status != "running":
                 return
             job.status, job.finished_at = "failed", utcnow()
@@ -149,7 +154,7 @@ class JobStore:
     def add_event(self, job_id: str, message: str, *, level: str = "info", type_: str = "message",
                   data: dict | None = None) -> None:
         with self._session() as s:
-            s.add(JobEvent(job_id=job_id, level=level, type=type_, message=message[:2000], data=data))
+            s.add(JobEvent(job_id=job_id, level=level, type=type_, message=storable(message)[:2000], data=data))
 
     def list_events(self, tenant_id: str, job_id: str, limit: int, after: int | None = None
                     ) -> tuple[list[JobEvent], bool]:
@@ -162,8 +167,8 @@ class JobStore:
             return rows[:limit], len(rows) > limit
 
     @staticmethod
-    def _job(s: Session, tenant_id: str, job_id: str) -> Job:
-        job = s.get(Job, job_id)
+    def _job(s: Session, tenant_id: str, job_id: str, lock: bool = False) -> Job:
+        job = None if has_nul(job_id) else s.get(Job, job_id, with_for_update=ROW_LOCK if lock else None)
         if job is None or job.tenant_id != tenant_id:
             raise Missing(f"No fine-tuning job with id '{job_id[:64]}'.")
         return job

@@ -79,14 +79,18 @@ class RequestRecorder:
         self.adapter = "unknown"
         self.prompt_tokens = self.completion_tokens = 0
         self._first = False
+        self._sent = False
         self._done = False
         self.on_finish: Callable[[int], None] = lambda tokens: None  # gets the tokens used
 
     def engine_sent(self, load_seconds: float) -> None:
+        """Called once per engine tried; the gateway's overhead counts up to the first try."""
         if load_seconds:
             self.metrics.cold_starts.labels(self.tenant, self.adapter).inc()
-        overhead = time.perf_counter() - self.started - load_seconds
-        self.metrics.overhead.labels(self.tenant, self.adapter).observe(max(0.0, overhead))
+        if not self._sent:
+            self._sent = True
+            overhead = time.perf_counter() - self.started - load_seconds
+            self.metrics.overhead.labels(self.tenant, self.adapter).observe(max(0.0, overhead))
 
     def first_token(self) -> None:
         if not self._first:

@@ -20,6 +20,7 @@ from server.errors import (
     APIError,
     BadRequest,
     EngineUnavailable,
+    EngineUnreachable,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -42,23 +43,30 @@ class _EngineForgotModel(Exception):
 async def forward(
     pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, recorder: RequestRecorder
 ) -> Response:
-    """Serve `request` on an engine; one retry when the engine had silently lost the adapter."""
-    for attempt in (1, 2):
-        slot, load_seconds = await pool.acquire(route.engine_model, route.path and str(route.path))
+    """Serve `request` on an engine. It goes to another engine when one proves unreachable before
+    answering (no output was sent yet), and once more when an engine had silently lost the adapter."""
+    tried: list[EngineSlot] = []
+    relearned = False
+    while True:
+        slot, load_seconds = await pool.acquire(route.engine_model, route.path and str(route.path), avoid=tried)
         release = _Once(lambda slot=slot: pool.release(slot, route.engine_model))
         recorder.engine_sent(load_seconds)
         try:
             if request.stream:
                 return await _stream(slot, route, endpoint, request, recorder, release)
             return await _complete(slot, route, endpoint, request, recorder)
+        except EngineUnreachable:
+            log.warning("engine %s unreachable for %s; trying another", slot.client.base_url, route.engine_model)
+            pool.mark_down(slot)
+            tried.append(slot)
         except _EngineForgotModel:
             pool.forget(slot, route.engine_model)
-            if attempt == 2 or route.path is None:
+            if relearned or route.path is None:
                 raise EngineUnavailable("The inference engine lost the model; try again.") from None
+            relearned = True
         finally:
             if not request.stream:
                 release()
-    raise AssertionError("unreachable")
 
 
 async def _complete(slot: EngineSlot, route, endpoint, request, recorder: RequestRecorder) -> Response:

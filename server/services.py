@@ -36,7 +36,10 @@ class Services:
         registry = build_registry(settings, store)
         clients = [EngineClient(url, read_timeout=settings.engine_read_timeout) for url in settings.engine_base_urls()]
         metrics = Metrics(state=lambda: metrics_state(store, pool))  # read at scrape time, pool set below
-        pool = EnginePool(clients, observer=_MetricsObserver(metrics))
+        pool = EnginePool(
+            clients, observer=_MetricsObserver(metrics), routing=settings.engine_routing,
+            capacity=settings.engine_capacity,
+        )
         supervisor = worker = None
         if settings.embedded_engine:
             supervisor = ChildSupervisor(

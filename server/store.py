@@ -1,8 +1,10 @@
 """The database: tenants, hashed API keys, adapters and their versions, the audit log.
 
-SQLite by default (WAL mode, so the CLI and a running server share the file); any SQLAlchemy URL works.
-Methods are synchronous and short; async callers run them in a worker thread. They return plain
-detached objects, and raise `Missing` or `Conflict` for the caller to map.
+SQLite by default (WAL mode, so the CLI and a running server share the file); PostgreSQL when several
+gateways share one database (`postgresql://…`, driven by psycopg 3). The schema is Alembic's
+(`server.migrations`). Methods are synchronous and short; async callers run them in a worker thread. They
+return plain detached objects, and raise `Missing` or `Conflict` for the caller to map. Read-modify-write
+methods lock the rows they change (`ROW_LOCK`; nothing on SQLite, whose writers are serial anyway).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import URL, create_engine, event, func, make_url, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.names import check_name
-from server.db import Adapter, AdapterVersion, ApiKey, AuditRecord, Base, Tenant, VersionSequence, utcnow
+from server.db import Adapter, AdapterVersion, ApiKey, AuditRecord, Tenant, VersionSequence, utcnow
 
 __all__ = ["AdapterView", "Conflict", "KeyIdentity", "Missing", "Store", "Tenant"]
 
@@ -33,6 +37,9 @@ class Conflict(ValueError):
     """The change contradicts the current state (a duplicate, or deleting what is in use)."""
 
 KEY_PREFIX = "ls"
+# The row lock of read-modify-write methods: FOR NO KEY UPDATE on PostgreSQL (rows that reference the locked
+# one can still be added), nothing on SQLite.
+ROW_LOCK = {"key_share": True}
 
 
 @dataclass(frozen=True)
@@ -71,16 +78,54 @@ def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def has_nul(*values: str | None) -> bool:
+    """PostgreSQL text cannot hold NUL: an id with one is one that does not exist (on any database)."""
+    return any(v is not None and "\x00" in v for v in values)
+
+
+def storable(value: str) -> str:
+    """Free text as PostgreSQL can store it (and SQLite the same): NUL becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd")
+
+
+def database_url(url: str | URL) -> URL:
+    """The URL with its driver made explicit: `postgresql://` and `postgres://` mean psycopg 3 (the driver
+    loraserve installs; SQLAlchemy's default, psycopg2, is not)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def build_engine(url: str | URL) -> Engine:
+    parsed = database_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    options: dict = {}
+    if backend == "postgresql":
+        # Requests run store calls in a thread pool: a few connections kept, more lent under load, recycled
+        # now and then (load balancers and PgBouncer drop idle ones); pre-ping replaces a dead one.
+        options = {"pool_size": 5, "max_overflow": 15, "pool_timeout": 30, "pool_recycle": 1800}
+        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            libpq = {"connect_timeout": 10, "application_name": "loraserve"}
+            options["connect_args"] = {k: v for k, v in libpq.items() if k not in parsed.query}
+    return create_engine(parsed, pool_pre_ping=True, **options)
+
+
 class Store:
-    def __init__(self, url: str):
-        connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+    def __init__(self, url: str | URL):
+        self.engine = build_engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+    def create_schema(self) -> str | None:
+        """Bring the database to the newest schema (Alembic); returns the revision it is at."""
+        from server.migrations import upgrade
+
+        return upgrade(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -103,6 +148,8 @@ class Store:
             raise Conflict(f"tenant '{tenant_id}' already exists") from exc
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
+        if has_nul(tenant_id):
+            return None
         with self.session() as s:
             return s.get(Tenant, tenant_id)
 
@@ -117,7 +164,7 @@ class Store:
     def update_tenant(self, tenant_id: str, **changes) -> Tenant:
         """Change `default_adapter` (None for the base model) and/or `limits`."""
         with self.session() as s:
-            tenant = self._tenant(s, tenant_id)
+            tenant = self._tenant(s, tenant_id, lock=True)
             if "default_adapter" in changes:
                 name = changes["default_adapter"]
                 if name is not None and self._adapter(s, tenant_id, name) is None:
@@ -158,8 +205,10 @@ class Store:
             return list(s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
 
     def revoke_key(self, tenant_id: str, key_id: str) -> None:
+        if has_nul(key_id):
+            raise Missing(f"key '{key_id}' does not exist")
         with self.session() as s:
-            key = s.get(ApiKey, key_id)
+            key = s.get(ApiKey, key_id, with_for_update=ROW_LOCK)
             if key is None or key.tenant_id != tenant_id or key.revoked_at is not None:
                 raise Missing(f"key '{key_id}' does not exist")
             key.revoked_at = utcnow()
@@ -168,7 +217,7 @@ class Store:
         """The key's identity, or None for an unknown, malformed or revoked key. The row is found by
         the key id embedded in the key; the hash comparison is constant-time."""
         parts = secret.split("-", 2)
-        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        if len(parts) != 3 or parts[0] != KEY_PREFIX or has_nul(parts[1]):
             return None
         with self.session() as s:
             row = s.get(ApiKey, parts[1])
@@ -188,8 +237,17 @@ class Store:
 
     # Adapters
     def reserve_version(self, tenant_id: str, name: str) -> int:
-        """The next version number of `tenant/name`, never handed out before (also under concurrency:
-        the UPDATE takes the write lock first)."""
+        """The next version number of `tenant/name`, never handed out before, also to another process or
+        gateway: on PostgreSQL one upsert that locks the sequence row; elsewhere the UPDATE takes the
+        database's write lock first."""
+        if self.is_postgres:
+            with self.session() as s:
+                bump = pg_insert(VersionSequence).values(tenant_id=tenant_id, name=name, last=1)
+                bump = bump.on_conflict_do_update(
+                    index_elements=[VersionSequence.tenant_id, VersionSequence.name],
+                    set_={"last": VersionSequence.last + 1},
+                ).returning(VersionSequence.last)
+                return s.scalar(bump)
         where = (VersionSequence.tenant_id == tenant_id, VersionSequence.name == name)
         for _ in range(10):
             try:
@@ -212,7 +270,7 @@ class Store:
             try:
                 with self.session() as s:
                     self._tenant(s, tenant_id)
-                    adapter = self._adapter(s, tenant_id, name)
+                    adapter = self._adapter(s, tenant_id, name, lock=True)
                     if adapter is None:
                         adapter = Adapter(tenant_id=tenant_id, name=name)
                         s.add(adapter)
@@ -239,7 +297,7 @@ class Store:
     def activate(self, tenant_id: str, name: str, version: int) -> int | None:
         """Make `version` the active one; returns the version that was active before."""
         with self.session() as s:
-            adapter = self._existing_adapter(s, tenant_id, name)
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)
             if version not in {v.version for v in adapter.versions}:
                 raise Missing(f"adapter '{name}' has no version {version}")
             previous, adapter.active_version = adapter.active_version, version
@@ -247,7 +305,7 @@ class Store:
 
     def delete_version(self, tenant_id: str, name: str, version: int) -> None:
         with self.session() as s:
-            adapter = self._existing_adapter(s, tenant_id, name)
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)
             row = next((v for v in adapter.versions if v.version == version), None)
             if row is None:
                 raise Missing(f"adapter '{name}' has no version {version}")
@@ -258,9 +316,9 @@ class Store:
     def delete_adapter(self, tenant_id: str, name: str) -> list[int]:
         """Delete an adapter and all its versions; returns the version numbers it had."""
         with self.session() as s:
-            adapter = self._existing_adapter(s, tenant_id, name)
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)
             versions = [v.version for v in adapter.versions]
-            tenant = s.get(Tenant, tenant_id)
+            tenant = s.get(Tenant, tenant_id, with_for_update=ROW_LOCK)
             if tenant.default_adapter == name:
                 tenant.default_adapter = None
             s.delete(adapter)
@@ -269,8 +327,8 @@ class Store:
     # Audit
     def audit(self, actor: str, action: str, obj: str, result: str, detail: str | None = None) -> None:
         with self.session() as s:
-            s.add(AuditRecord(actor=actor, action=action, object=obj[:256], result=result[:64],
-                              detail=detail and detail[:2000]))
+            s.add(AuditRecord(actor=storable(actor)[:32], action=storable(action)[:64], object=storable(obj)[:256],
+                              result=storable(result)[:64], detail=detail and storable(detail)[:2000]))
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[AuditRecord]:
         with self.session() as s:
@@ -281,18 +339,21 @@ class Store:
 
     # Helpers
     @staticmethod
-    def _tenant(s: Session, tenant_id: str) -> Tenant:
-        tenant = s.get(Tenant, tenant_id)
+    def _tenant(s: Session, tenant_id: str, lock: bool = False) -> Tenant:
+        tenant = None if has_nul(tenant_id) else s.get(Tenant, tenant_id, with_for_update=ROW_LOCK if lock else None)
         if tenant is None:
-            raise Missing(f"tenant '{tenant_id}' does not exist")
+            raise Missing(f"tenant '{storable(tenant_id)}' does not exist")
         return tenant
 
     @staticmethod
-    def _adapter(s: Session, tenant_id: str, name: str) -> Adapter | None:
-        return s.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+    def _adapter(s: Session, tenant_id: str, name: str, lock: bool = False) -> Adapter | None:
+        if has_nul(tenant_id, name):
+            return None
+        stmt = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+        return s.scalar(stmt.with_for_update(**ROW_LOCK) if lock else stmt)
 
-    def _existing_adapter(self, s: Session, tenant_id: str, name: str) -> Adapter:
-        adapter = self._adapter(s, tenant_id, name)
+    def _existing_adapter(self, s: Session, tenant_id: str, name: str, lock: bool = False) -> Adapter:
+        adapter = self._adapter(s, tenant_id, name, lock)
         if adapter is None:
             raise Missing(f"adapter '{name}' does not exist")
         return adapter

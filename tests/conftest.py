@@ -11,6 +11,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,9 @@ ENGINE_START_TIMEOUT = 600
 UPLOAD_LIMIT = 32 << 20
 ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
+# Share of RAM for each test engine (weights, activations and KV cache; ~2.5 GiB, of which ~1 GiB is KV
+# cache, ~20k tokens of SmolLM2): small enough that tests starting more engines fit beside the session one.
+ENGINE_MEMORY_SHARE = 0.15
 
 
 def free_port() -> int:
@@ -126,19 +131,13 @@ class Gateway:
         raise AssertionError(f"gateway not ready after {timeout:.0f} s; engine log tail:\n{tail}")
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory, base_model_path) -> Gateway:
+@contextmanager
+def running_gateway(settings: Settings) -> Iterator[object]:
+    """A gateway app served by uvicorn in a thread of this process, until the block ends."""
     import uvicorn
 
     from server.app import create_app
 
-    data = tmp_path_factory.mktemp("data")
-    settings = Settings(
-        _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
-        base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
-        engine_read_timeout=ENGINE_READ_TIMEOUT,
-        max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
-    )
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -146,14 +145,29 @@ def gateway(tmp_path_factory, base_model_path) -> Gateway:
     while not server.started:
         time.sleep(0.1)
         assert thread.is_alive(), "the gateway failed to start"
-    gw = Gateway(f"http://127.0.0.1:{settings.port}", f"http://127.0.0.1:{settings.engine_port}", settings,
-                 app.state.services)
-    # Adapters are made while the engine starts: both take a while.
-    _add_tenants_and_adapters(gw, tmp_path_factory.mktemp("adapters"), base_model_path)
-    gw.wait_ready()
-    yield gw
-    server.should_exit = True
-    thread.join(timeout=60)
+    try:
+        yield app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, base_model_path) -> Iterator[Gateway]:
+    data = tmp_path_factory.mktemp("data")
+    settings = Settings(
+        _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
+        base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
+        engine_read_timeout=ENGINE_READ_TIMEOUT, engine_memory_utilization=ENGINE_MEMORY_SHARE,
+        max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
+    )
+    with running_gateway(settings) as app:
+        gw = Gateway(f"http://127.0.0.1:{settings.port}", f"http://127.0.0.1:{settings.engine_port}", settings,
+                     app.state.services)
+        # Adapters are made while the engine starts: both take a while.
+        _add_tenants_and_adapters(gw, tmp_path_factory.mktemp("adapters"), base_model_path)
+        gw.wait_ready()
+        yield gw
 
 
 def _add_tenants_and_adapters(gw: Gateway, folder: Path, base_model: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -125,3 +127,17 @@ def test_engine_may_not_listen_publicly(host):
         Settings(_env_file=None, engine_host=host)
     with pytest.raises(ValueError, match="LORASERVE_ENGINE_HOST"):
         Settings(_env_file=None, engine_extra_args="--host 0.0.0.0")
+
+
+def test_start_up_sweeps_only_stale_staging_leftovers(world):
+    """A crashed publish's leftovers go; another gateway's publish in progress on a shared registry stays."""
+    _, _, registry = world
+    stale, fresh = registry.staging / "publish-crashed", registry.staging / "publish-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+    hour_ago = time.time() - 3700
+    os.utime(stale, (hour_ago, hour_ago))
+    registry.prepare()
+    assert not stale.exists()
+    assert (fresh / "adapter_model.safetensors").read_bytes() == b"partial"

@@ -1,8 +1,10 @@
 """One vLLM OpenAI-compatible server, behind a small async interface.
 
 The gateway talks to an engine only through this class: health, load and unload an adapter, and send
-an OpenAI request (whole or streamed). Transport failures become `EngineUnavailable`; the engine's own
-4xx answers are returned to the caller, who decides what a client may see of them.
+an OpenAI request (whole or streamed). Transport failures become `EngineUnavailable`, and those that
+mean the engine is gone (no connection, or the connection dropped before an answer) `EngineUnreachable`,
+which the caller may retry on another engine. The engine's own answers are returned to the caller, who
+decides what a client may see of them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 
 import httpx
 
-from server.errors import EngineUnavailable
+from server.errors import EngineUnavailable, EngineUnreachable
 
 _ALREADY_LOADED = "has already been loaded"
+# Failures that mean no answer is coming from this engine (as opposed to a slow answer).
+_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass
@@ -77,16 +81,22 @@ class EngineClient:
         try:
             return await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise EngineUnavailable("The inference engine is not reachable; try again shortly.") from exc
+            raise _transport_error(exc) from exc
 
     async def _post(self, path: str, payload: dict) -> EngineReply:
         try:
             response = await self._http.post(path, json=payload)
-        except httpx.TimeoutException as exc:
-            raise EngineUnavailable("The inference engine did not answer in time.") from exc
         except httpx.HTTPError as exc:
-            raise EngineUnavailable("The inference engine is not reachable; try again shortly.") from exc
+            raise _transport_error(exc) from exc
         return EngineReply(response.status_code, response.content)
+
+
+def _transport_error(exc: httpx.HTTPError) -> EngineUnavailable:
+    if isinstance(exc, _GONE):
+        return EngineUnreachable("The inference engine is not reachable; try again shortly.")
+    if isinstance(exc, httpx.TimeoutException):
+        return EngineUnavailable("The inference engine did not answer in time.")
+    return EngineUnavailable("The inference engine is not reachable; try again shortly.")
 
 
 def _error_message(reply: EngineReply) -> str:

