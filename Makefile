@@ -40,12 +40,17 @@ system-packages:
 lint: install
 	$(VENV)/bin/ruff check --no-cache .
 
-bench: install
-	$(PY) bench/gateway_latency.py
-	$(PY) bench/hot_load.py
-	$(PY) bench/training.py
-	$(PY) bench/metrics_overhead.py
-	$(PY) bench/fairness.py
+# LiteLLM's proxy is the peer the gateway is compared with; it lives in its own venv (its pins differ).
+LITELLM_VENV    := .cache/litellm-venv
+LITELLM_VERSION ?= 1.108.7
+bench: install $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+	$(PY) -m bench
+
+$(LITELLM_VENV)/.installed-$(LITELLM_VERSION):
+	@test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	rm -f $(LITELLM_VENV)/.installed-*
+	touch $@
 
 clean:
 	rm -rf $(VENV) .cache

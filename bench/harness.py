@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from server.config import Settings  # noqa: E402
 from server.services import build_store  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
+# Share of RAM for an engine (weights, activations, ~1 GiB of KV cache): plenty for these requests, and
+# small enough that a benchmark can run a second engine or a PEFT baseline beside it.
+ENGINE_MEMORY_SHARE = "0.15"
 
 
 def free_port() -> int:
@@ -31,6 +35,9 @@ def free_port() -> int:
 class BenchServer:
     """`with BenchServer() as server:` a ready gateway with one tenant (`bench`) and its key."""
 
+    def __init__(self, **extra_env: str):
+        self.extra_env = extra_env  # more LORASERVE_* settings for the gateway and its engine
+
     def __enter__(self) -> BenchServer:
         self.model = ensure_default_model(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
         self._tmp = tempfile.TemporaryDirectory()
@@ -40,7 +47,8 @@ class BenchServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
         env.update(LORASERVE_DATA_DIR=str(data), LORASERVE_PORT=str(self.port),
                    LORASERVE_ENGINE_PORT=str(self.engine_port), LORASERVE_BASE_MODEL_PATH=str(self.model),
-                   LORASERVE_ADMIN_KEY=ADMIN_KEY, LORASERVE_LOG_LEVEL="warning")
+                   LORASERVE_ADMIN_KEY=ADMIN_KEY, LORASERVE_LOG_LEVEL="warning",
+                   LORASERVE_ENGINE_MEMORY_UTILIZATION=ENGINE_MEMORY_SHARE, **self.extra_env)
         self.settings = Settings(_env_file=None, data_dir=data, base_model_path=self.model)
         store = build_store(self.settings)
         store.create_tenant("bench")
@@ -79,12 +87,20 @@ class BenchServer:
         return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+def print_table(title: str, header: list[str], rows: list[list[str]], data: dict | None = None) -> None:
+    """Print a Markdown table; under `python -m bench` also record it (and `data`, raw numbers) in the
+    run's JSON results file."""
     print(f"\n{title}\n")
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" if i == 0 else "---:" for i in range(len(header))) + " |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    results = os.environ.get("BENCH_RESULTS")
+    if results:
+        record = {"benchmark": Path(sys.argv[0]).stem, "title": title, "header": header, "rows": rows,
+                  "data": data or {}}
+        with open(results, "a") as out:  # one JSON object per line; `python -m bench` gathers them
+            out.write(json.dumps(record) + "\n")
 
 
 def make_adapters(base_model: Path, out: Path, count: int) -> list[Path]:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI):
         svc = services or Services.build(settings)
         svc.registry.prepare()
+        await run_in_threadpool(svc.prepare_base_stand_in)
         app.state.services = svc
         for child in svc.children():
             child.start()

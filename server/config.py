@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     engine_health_interval: float = Field(
         2.0, gt=0, description="Seconds between engine health checks (an engine that fails one leaves rotation)."
     )
+    base_through_zero_adapter: bool = Field(
+        True, description="Serve base-model requests through an all-zero adapter, so that a base-model request "
+        "batched with adapter requests never gets an adapter's weights (vLLM's CPU LoRA kernels apply the last "
+        "adapter slot to base-model rows of a mixed batch). Takes one of the engine's --max-loras slots.",
+    )
     engine_host: str = Field("127.0.0.1", description="Address of the embedded engine (private).")
     engine_port: int = Field(8001, description="Port of the embedded engine.")
     engine_max_loras: int = Field(4, ge=1, description="Adapters in one batch on the engine (--max-loras).")

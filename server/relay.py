@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 
 import httpx
 from starlette.background import BackgroundTask
@@ -45,6 +47,9 @@ async def forward(
 ) -> Response:
     """Serve `request` on an engine. It goes to another engine when one proves unreachable before
     answering (no output was sent yet), and once more when an engine had silently lost the adapter."""
+    if route.path is None and pool.base_stand_in is not None:
+        name, path = pool.base_stand_in
+        route = replace(route, engine_model=name, path=Path(path))
     tried: list[EngineSlot] = []
     relearned = False
     while True:

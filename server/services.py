@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
+from adapters.zero import ENGINE_NAME as ZERO_ENGINE_NAME
+from adapters.zero import ensure_zero_adapter
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.pool import EnginePool, PoolObserver
@@ -15,6 +18,9 @@ from server.metrics import Metrics
 from server.metrics_state import metrics_state
 from server.store import Store
 from server.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
+
+log = logging.getLogger("loraserve.services")
+ZERO_FOLDER = ".base-zero"  # in the registry, so every engine sees it at the same path
 
 
 @dataclass
@@ -55,6 +61,17 @@ class Services:
 
     def children(self) -> list[ChildSupervisor]:
         return [c for c in (self.supervisor, self.worker) if c is not None]
+
+    def prepare_base_stand_in(self) -> None:
+        """Route base-model requests through the all-zero adapter (see `adapters.zero`)."""
+        if not self.settings.base_through_zero_adapter:
+            return
+        try:
+            folder = ensure_zero_adapter(self.registry.root / ZERO_FOLDER, self.registry.base)
+        except Exception as exc:  # the base model is unreadable: uploads fail too, and say why
+            log.error("no zero adapter for base-model requests: %s", exc)
+            return
+        self.pool.base_stand_in = (ZERO_ENGINE_NAME, str(folder))
 
 class _MetricsObserver(PoolObserver):
     def __init__(self, metrics: Metrics):

@@ -63,7 +63,7 @@ def base_model_path() -> Path:
 
 
 def make_peft_adapter(base_model: Path, out: Path, *, seed: int, rank: int = 8,
-                      targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+                      targets: tuple[str, ...] = ("q_proj", "v_proj"), b_std: float = 0.05) -> Path:
     """A stock PEFT LoRA adapter for the base model with random, non-zero A and B matrices (PEFT's
     default starts B at zero, which would change nothing)."""
     import torch
@@ -77,7 +77,7 @@ def make_peft_adapter(base_model: Path, out: Path, *, seed: int, rank: int = 8,
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.05)
+                param.normal_(0.0, b_std)
     peft_model.save_pretrained(out)
     return out
 
@@ -157,7 +157,7 @@ def gateway(tmp_path_factory, base_model_path) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("data")
     settings = Settings(
         _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
-        base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=4, engine_max_lora_rank=16,
+        base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=10, engine_max_lora_rank=16,
         engine_read_timeout=ENGINE_READ_TIMEOUT, engine_memory_utilization=ENGINE_MEMORY_SHARE,
         max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
     )

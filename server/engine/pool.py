@@ -69,6 +69,9 @@ class EnginePool:
         self.slots = [EngineSlot(c) for c in clients]
         self.observer = observer or PoolObserver()
         self.routing, self.capacity = routing, capacity
+        # (engine name, path) of the adapter that base-model requests are served through; None: the base
+        # model itself (see `adapters.zero`).
+        self.base_stand_in: tuple[str, str] | None = None
         self._turn = itertools.count()
         self._tasks: set[asyncio.Task] = set()
 
