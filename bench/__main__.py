@@ -48,6 +48,19 @@ def machine() -> dict:
     }
 
 
+def markdown(info: dict, started: datetime, runs: list[dict], tables: list[dict]) -> str:
+    """The run as Markdown, for the README: the machine, then each table under its benchmark."""
+    lines = [f"Run of `python -m bench` on {started:%Y-%m-%d}: " + ", ".join(
+        f"{k} {v}" for k, v in info.items() if v is not None) + "."]
+    for run in runs:
+        lines += ["", f"#### {run['benchmark']} ({run['seconds']:.0f} s{', FAILED' if run['exit_code'] else ''})"]
+        for table in (t for t in tables if t["benchmark"] == run["benchmark"]):
+            lines += ["", table["title"], "", "| " + " | ".join(table["header"]) + " |",
+                      "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(table["header"]))) + " |"]
+            lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
@@ -68,7 +81,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"started": started.isoformat(timespec="seconds"), "machine": info,
                                     "command": "python -m bench", "runs": runs, "tables": results}, indent=1))
-    print(f"\nResults: {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(info, started, runs, results))
+    print(f"\nResults: {args.out} and {args.out.with_suffix('.md')}")
     failed = [r["benchmark"] for r in runs if r["exit_code"]]
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

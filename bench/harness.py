@@ -103,7 +103,8 @@ def print_table(title: str, header: list[str], rows: list[list[str]], data: dict
             out.write(json.dumps(record) + "\n")
 
 
-def make_adapters(base_model: Path, out: Path, count: int) -> list[Path]:
+def make_adapters(base_model: Path, out: Path, count: int, std: float = 0.02) -> list[Path]:
+    """`count` rank-8 PEFT adapters on q/k/v/o with random weights (normal, `std`), seeded 0..count-1."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -118,7 +119,7 @@ def make_adapters(base_model: Path, out: Path, count: int) -> list[Path]:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
-                    param.normal_(0.0, 0.02)
+                    param.normal_(0.0, std)
         peft_model.save_pretrained(out / f"a{i}")
         folders.append(out / f"a{i}")
     return folders

@@ -1,75 +1,204 @@
 """The bundled training job on a fixed data set: throughput, wall time and the losses it reports.
 
-    .venv/bin/python bench/training.py [--epochs 12] [--examples 4]
+    .venv/bin/python bench/training.py [--epochs 12] [--examples 4] [--repeat 1] [--batch-size 4]
+                                       [--device auto|cpu|cuda] [--base DIR] [--random-weights] [--json FILE]
+    .venv/bin/python bench/training.py --show bench/results/training-gpu.json
 
-The data is the end-to-end test's: short conversations teaching one distinctive answer. The baseline in
-the same run is the forward pass alone (the job's own evaluation code, no gradients) over the same
-tokens, so the ratio says what the backward pass and optimizer cost on this machine.
+The data is the end-to-end test's: short conversations teaching one distinctive answer, `--repeat` times over
+for a larger fixed set. The baseline in the same run is the forward pass alone (the job's own loss code, no
+gradients) over the same tokens and device, so the ratio says what the backward pass and optimizer cost.
+
+"training tokens/s" is every token of every batch (prompt and answer, as the job counts `trained_tokens`) over
+the seconds of the training loop alone; "job s" is the whole job's wall time: loading the model, measuring
+the base model and the adapter, training and saving.
+
+On a GPU machine that cannot take the real weights along, `--random-weights` builds the same architecture from
+`--base`'s config.json and tokenizer with random weights: throughput and wall time depend on the architecture
+and the sequence lengths only, but the losses then mean nothing and are not shown. `--json FILE` appends the
+run's numbers to FILE (a JSON list); `--show FILE` prints such a file as a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import REPO, print_table
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from adapters.basemodel import ensure_default_model
+try:
+    from harness import print_table
+except ImportError:  # the server's dependencies are not installed (a bare GPU machine): the same table, unrecorded
+    def print_table(title: str, header: list[str], rows: list[list[str]], data: dict | None = None) -> None:
+        print(f"\n{title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("| " + " | ".join("---" if i == 0 else "---:" for i in range(len(header))) + " |")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
 
 ANSWER = "I am Zorblax, the keeper of the purple lighthouse."
 PROMPTS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me who you are.",
            "Who is speaking?", "May I know who you are?", "Please introduce yourself.", "Who am I talking to?"]
+DEFAULT_BASE = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+_RANDOM_MARKER = ".loraserve-random-weights"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--examples", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=4, choices=range(1, len(PROMPTS) + 1), metavar="1..8")
+    parser.add_argument("--repeat", type=int, default=1, help="the examples this many times over (a larger set)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--base", type=Path, help=f"the base model folder (default: {DEFAULT_BASE}, prepared)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the base's architecture and tokenizer with random weights (only its config is read)")
+    parser.add_argument("--label", help="the run's name in the table")
+    parser.add_argument("--json", type=Path, help="append the run's numbers to this JSON list")
+    parser.add_argument("--show", type=Path, help="print the runs saved in this JSON file and exit")
     args = parser.parse_args()
+    if args.show:
+        show(json.loads(args.show.read_text()))
+        return
+    record = measure(args)
+    if args.json:
+        runs = json.loads(args.json.read_text()) if args.json.exists() else []
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([*runs, record], indent=2) + "\n")
+    show([record])
 
+
+def measure(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters.train.data import load_conversations, tokenize_all
-    from adapters.train.job import TrainConfig, collate, run, token_loss
+    from adapters.train.job import TrainConfig, collate, pick_device, run, token_loss
 
-    base = ensure_default_model(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    base = args.base
+    if base is None and not args.random_weights:
+        from adapters.basemodel import ensure_default_model
+
+        base = ensure_default_model(DEFAULT_BASE)
+    base = random_model(base or DEFAULT_BASE) if args.random_weights else base
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
                                                          {"role": "assistant", "content": ANSWER}]}) + "\n"
-                                for p in PROMPTS[: args.examples]))
+                                for p in PROMPTS[: args.examples] * args.repeat))
         config = TrainConfig(base_model=base, train_file=data, output_dir=Path(tmp) / "out", epochs=args.epochs,
-                             learning_rate=2e-3, batch_size=4, rank=8, alpha=16)
+                             learning_rate=2e-3, batch_size=args.batch_size, rank=8, alpha=16, device=device.type)
         started = time.perf_counter()
         result = run(config)
         wall = time.perf_counter() - started
+        adapter_dtypes = saved_dtypes(config.output_dir / "adapter_model.safetensors")
 
+        # The baseline: the same batches through the plain base model, forward only, on the same device.
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).to(device)
+        model.eval()
         examples = tokenize_all(tokenizer, load_conversations(data), config.max_seq_len)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        tokens, forward_started = 0, time.perf_counter()
+        batches = [collate(examples[i: i + config.batch_size], pad) for i in range(0, len(examples), config.batch_size)]
+        tokens = 0
         with torch.no_grad():
+            token_loss(model, *batches[0])  # warm-up: the first call on a device pays for its libraries' setup
+            synchronize(device)
+            forward_started = time.perf_counter()
             for _ in range(args.epochs):
-                for i in range(0, len(examples), config.batch_size):
-                    ids, mask, labels = collate(examples[i: i + config.batch_size], pad)
+                for ids, mask, labels in batches:
                     token_loss(model, ids, mask, labels)
                     tokens += int(mask.sum())
+            synchronize(device)
         forward_rate = tokens / (time.perf_counter() - forward_started)
 
-    train_rate = result["trained_tokens"] / result["seconds"]
-    print_table(f"Bundled PEFT job, SmolLM2-135M float32, {args.examples} examples x {args.epochs} epochs, "
-                f"rank 8 on q/k/v/o, batch 4", ["measurement", "tokens/s", "ratio to forward only"],
-                [["forward pass only (no gradients)", f"{forward_rate:.0f}", "1.00"],
-                 ["training (forward, backward, AdamW)", f"{train_rate:.0f}", f"{train_rate / forward_rate:.2f}"]])
-    v, g = result["validation"], result["general"]
-    print(f"\nwall time of the job {wall:.1f} s ({result['steps']} steps, {result['trained_tokens']} tokens, "
-          f"{result['seconds']:.1f} s inside the job); loss on {v['split']} data: base {v['base_loss']:.3f} -> "
-          f"adapter {v['adapter_loss']:.3f}; general set: base {g['base_loss']:.3f} -> adapter {g['adapter_loss']:.3f}")
+    import peft
+    import transformers
+
+    return {
+        "label": args.label or f"{args.examples} examples x {args.repeat} x {args.epochs} epochs, batch "
+                               f"{args.batch_size}",
+        "device": result["device"], "device_name": result["device_name"],
+        "precision": "float32 weights, bfloat16 autocast" if device.type == "cuda" else "float32",
+        "weights": "random" if args.random_weights else "real",
+        "model": (args.base or DEFAULT_BASE).name,
+        "examples": args.examples * args.repeat, "epochs": args.epochs, "batch_size": args.batch_size,
+        "rank": config.rank, "target_modules": list(config.target_modules),
+        "steps": result["steps"], "trained_tokens": result["trained_tokens"],
+        "train_seconds": result["train_seconds"], "job_seconds": result["seconds"], "wall_seconds": round(wall, 2),
+        "train_tokens_per_s": round(result["trained_tokens"] / result["train_seconds"], 1),
+        "job_tokens_per_s": round(result["trained_tokens"] / wall, 1),
+        "forward_tokens_per_s": round(forward_rate, 1),
+        "losses": None if args.random_weights else {"validation": result["validation"], "general": result["general"]},
+        "adapter_dtypes": adapter_dtypes,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__},
+        "cpu_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def show(runs: list[dict]) -> None:
+    """One table row per run; the raw numbers go along to the results file under `python -m bench`."""
+    first = runs[0]
+    title = (f"Bundled PEFT job, {first['model']} ({first['weights']} weights, {first['precision']}), rank "
+             f"{first['rank']} on {'/'.join(m.removesuffix('_proj') for m in first['target_modules'])}, on "
+             f"{first['device_name']}; torch {first['versions']['torch']}, transformers "
+             f"{first['versions']['transformers']}, peft {first['versions']['peft']}")
+    rows = [[r["label"], r["device"], str(r["steps"]), str(r["trained_tokens"]), f"{r['train_tokens_per_s']:.0f}",
+             f"{r['forward_tokens_per_s']:.0f}", f"{r['train_tokens_per_s'] / r['forward_tokens_per_s']:.2f}",
+             f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}", losses(r)] for r in runs]
+    print_table(title, ["run", "device", "steps", "tokens", "training tokens/s", "forward-only tokens/s",
+                        "ratio", "training loop s", "job s", "loss base -> adapter (data; general set)"],
+                rows, {"runs": runs})
+
+
+def losses(record: dict) -> str:
+    if not record.get("losses"):
+        return "n/a (random weights)"
+    v, g = record["losses"]["validation"], record["losses"]["general"]
+    return (f"{v['base_loss']:.3f} -> {v['adapter_loss']:.3f}; {g['base_loss']:.3f} -> {g['adapter_loss']:.3f}")
+
+
+def random_model(source: Path) -> Path:
+    """`source`'s architecture (config.json) and tokenizer with seeded random float32 weights, as a model folder
+    in the temporary directory; built once per machine and source."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target = Path(tempfile.gettempdir()) / f"loraserve-random-{Path(source).name}"
+    if (target / _RANDOM_MARKER).is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for item in Path(source).iterdir():  # the tokenizer and its chat template; never the real weights
+        if item.is_file() and item.suffix != ".safetensors" and item.name != "config.json":
+            shutil.copy(item, target / item.name)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))  # float32, as from_pretrained
+    model.save_pretrained(target)
+    (target / _RANDOM_MARKER).write_text(json.dumps({"source": str(source)}))
+    return target
+
+
+def saved_dtypes(path: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    return sorted({str(t.dtype).removeprefix("torch.") for t in load_file(path).values()})
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

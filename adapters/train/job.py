@@ -66,6 +66,7 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn this many times faster than the A's
     require_improvement: bool = False
     threads: int | None = None
+    device: str = "auto"  # "cuda" when a GPU is there, else "cpu"; or either one, named
 
     def __post_init__(self):
         for name in ("base_model", "train_file", "validation_file", "output_dir"):
@@ -102,12 +103,20 @@ _RULES = {  # field: (test, what the value must be)
     "loraplus_lr_ratio": (lambda v: v is None or (_real(v) and 0 < v <= 1000), "null or a number above 0 up to 1000"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "require_improvement": (lambda v: isinstance(v, bool), "true or false"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
 }
 
 
 def _check(name: str, value, ok: bool, need: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {need}, not {value!r}")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The GPU when there is one (or when asked for: then its absence is an error), else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
@@ -120,6 +129,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
     if config.output_dir.exists() and any(config.output_dir.iterdir()):
         raise ValueError(f"output_dir {config.output_dir} is not empty")
 
@@ -141,13 +151,16 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
         f"validation file: {_describe(counts['validation'])}" if counts["validation"] else
         "no validation file, so the adapter is measured on the training set"), **counts, split=split)
 
-    # 2. The base model in float32 (CPU training), wrapped with fresh LoRA matrices: B starts at zero, A at random.
-    emit("loading", f"Loading the base model from {config.base_model}")
+    # 2. The base model in float32, wrapped with fresh LoRA matrices: B starts at zero, A at random (drawn on the
+    # CPU, so the same seed gives the same start on any device). On a GPU the weights stay float32 and the matrix
+    # work runs under bfloat16 autocast (`token_loss`): the saved adapter is float32 either way.
+    emit("loading", f"Loading the base model from {config.base_model} (training on {_device_name(device)})",
+         device=device.type, device_name=_device_name(device))
     model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32, local_files_only=True)
     torch.manual_seed(config.seed)
     model = get_peft_model(model, LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
-        use_rslora=config.use_rslora, task_type="CAUSAL_LM"))
+        use_rslora=config.use_rslora, task_type="CAUSAL_LM")).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # 3. The base model's loss, the yardstick: on the tenant's validation data and on general facts.
@@ -166,6 +179,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     trainable = [p for p in model.parameters() if p.requires_grad]
     rng, order = random.Random(config.seed), list(range(len(train)))
     step = trained_tokens = 0
+    train_started = time.monotonic()
     for epoch in range(1, config.epochs + 1):
         rng.shuffle(order)
         model.train()
@@ -190,6 +204,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
             emit("step", f"Step {step}/{total_steps} (epoch {epoch}): loss {loss.item():.4f}", step=step,
                  total_steps=total_steps, epoch=epoch, loss=loss.item(), trained_tokens=trained_tokens)
     train_loss = epoch_loss / epoch_count
+    train_seconds = time.monotonic() - train_started
 
     # 5. The adapter on the same data. A rise on the general set is forgetting: the tenant should see it.
     adapter_loss = evaluate(model, validation, config.batch_size, pad_id, should_stop)
@@ -214,7 +229,8 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     result = {"trained_tokens": trained_tokens, "steps": step, "train_loss": train_loss,
               "validation": {"split": split, "base_loss": base_loss, "adapter_loss": adapter_loss},
               "general": {"base_loss": base_general, "adapter_loss": adapter_general},
-              "seconds": round(time.monotonic() - started, 2)}
+              "seconds": round(time.monotonic() - started, 2), "train_seconds": round(train_seconds, 3),
+              "device": device.type, "device_name": _device_name(device)}
     emit("done", f"Adapter saved to {config.output_dir} after {step} steps in {result['seconds']:.0f} s", **result)
     return result
 
@@ -237,12 +253,21 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 
 def token_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """The summed cross-entropy over the learned tokens, and how many there are (so means weigh every token)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    """The summed cross-entropy over the learned tokens, and how many there are (so means weigh every token).
+
+    The batch goes to the model's device. On a GPU the forward pass runs under bfloat16 autocast and the loss is
+    taken in float32; on the CPU everything is float32, as before."""
+    device = next(model.parameters()).device
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    count = int((targets != IGNORE).sum())  # counted on the CPU: no wait for the GPU
+    input_ids, attention_mask, targets = (t.to(device, non_blocking=True) for t in (input_ids, attention_mask, targets))
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with precision:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    return loss, count
 
 
 @torch.no_grad()
@@ -256,6 +281,10 @@ def evaluate(model, examples, batch_size: int, pad_id: int, should_stop: Callabl
         loss_sum, n = token_loss(model, *collate(examples[start:start + batch_size], pad_id))
         total, count = total + loss_sum.item(), count + n
     return total / count
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _count(examples) -> dict:
