@@ -4,7 +4,7 @@
 
 Ten rank-8 adapters (random, strong weights, so each answers differently) and the base model are asked
 each prompt one request at a time, then all requests at once (one batch: --max-loras is raised to hold
-every adapter), at temperature 0 through the gateway. An answer that differs from its solo answer is
+every adapter, and no more), at temperature 0 through the gateway. An answer that differs from its solo answer is
 reported with the token where it begins. This runs twice: with the default, where base-model requests
 go through an all-zero adapter, and with LORASERVE_BASE_THROUGH_ZERO_ADAPTER=false, where they reach the
 engine as plain base-model rows (vLLM's CPU kernels then apply the last slot's adapter to them). The
@@ -45,7 +45,8 @@ def first_difference(a: list[str], b: list[str]) -> int | None:
 
 
 def run(folders: list[Path], args, zero_adapter: bool) -> dict:
-    env = {"LORASERVE_ENGINE_MAX_LORAS": str(len(folders) + 1),
+    # Every slot in use in both modes: the adapters, plus the zero adapter when base requests go through it.
+    env = {"LORASERVE_ENGINE_MAX_LORAS": str(len(folders) + zero_adapter),
            "LORASERVE_BASE_THROUGH_ZERO_ADAPTER": str(zero_adapter).lower()}
     with BenchServer(**env) as server, httpx.Client(timeout=600) as client:
         for i, folder in enumerate(folders):
