@@ -1,14 +1,15 @@
 """Correctness under batching: do adapters served together answer as each does alone?
 
-    .venv/bin/python bench/batching.py [--adapters 10] [--prompts 3] [--tokens 32]
+    .venv/bin/python bench/batching.py [--adapters 10] [--prompts 2] [--tokens 32]
 
 Ten rank-8 adapters (random, strong weights, so each answers differently) and the base model are asked
 each prompt one request at a time, then all requests at once (one batch: --max-loras is raised to hold
-every adapter, and no more), at temperature 0 through the gateway. An answer that differs from its solo answer is
-reported with the token where it begins. This runs twice: with the default, where base-model requests
-go through an all-zero adapter, and with LORASERVE_BASE_THROUGH_ZERO_ADAPTER=false, where they reach the
-engine as plain base-model rows (vLLM's CPU kernels then apply the last slot's adapter to them). The
-throughput of the batch is compared with the same requests one at a time (the baseline).
+every adapter, and no more), at temperature 0 through the gateway. An answer that differs from its
+solo answer is reported with the token where it begins. This runs three times: as deployed (base-model
+requests reach the engine as plain base-model rows, and this package's vLLM plugin keeps adapters off them), with
+LORASERVE_BASE_THROUGH_ZERO_ADAPTER=true (base requests go through an all-zero adapter instead), and as
+plain rows with the plugin disabled (VLLM_PLUGINS), where vLLM's CPU ops apply the last slot's adapter.
+The throughput of the batch is compared with the same requests one at a time (the baseline).
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ def first_difference(a: list[str], b: list[str]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def run(folders: list[Path], args, zero_adapter: bool) -> dict:
-    # Every slot in use in both modes: the adapters, plus the zero adapter when base requests go through it.
+def run(folders: list[Path], args, zero_adapter: bool = False, plugin: bool = True) -> dict:
+    # Every slot in use in each mode: the adapters, plus the zero adapter when base requests go through it.
+    requests = (len(folders) + 1) * args.prompts
     env = {"LORASERVE_ENGINE_MAX_LORAS": str(len(folders) + zero_adapter),
-           "LORASERVE_BASE_THROUGH_ZERO_ADAPTER": str(zero_adapter).lower()}
+           "LORASERVE_BASE_THROUGH_ZERO_ADAPTER": str(zero_adapter).lower(),
+           "LORASERVE_TENANT_MAX_CONCURRENT_REQUESTS": str(requests)}  # all at once, none refused
+    if not plugin:
+        env["VLLM_PLUGINS"] = "none"  # an allowlist naming no installed plugin
     with BenchServer(**env) as server, httpx.Client(timeout=600) as client:
         for i, folder in enumerate(folders):
             upload(client, server, f"a{i}", folder)
@@ -74,14 +79,15 @@ def run(folders: list[Path], args, zero_adapter: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=10)
-    parser.add_argument("--prompts", type=int, default=3, choices=range(1, len(PROMPTS) + 1))
+    parser.add_argument("--prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = ensure_default_model(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
         folders = make_adapters(model, Path(tmp), args.adapters, std=0.3)
-        results = {"base through the zero adapter (default)": run(folders, args, True),
-                   "base as plain base-model rows": run(folders, args, False)}
+        results = {"plain rows, vLLM plugin (default)": run(folders, args),
+                   "through the zero adapter": run(folders, args, zero_adapter=True),
+                   "plain rows, plugin disabled": run(folders, args, plugin=False)}
     rows = []
     for mode, result in results.items():
         speedup = result["alone_s"] / result["together_s"]

@@ -36,7 +36,7 @@ class BenchServer:
     """`with BenchServer() as server:` a ready gateway with one tenant (`bench`) and its key."""
 
     def __init__(self, **extra_env: str):
-        self.extra_env = extra_env  # more LORASERVE_* settings for the gateway and its engine
+        self.extra_env = extra_env  # more environment (LORASERVE_* settings) for the gateway and its engine
 
     def __enter__(self) -> BenchServer:
         self.model = ensure_default_model(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")

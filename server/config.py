@@ -82,9 +82,10 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Seconds between engine health checks (an engine that fails one leaves rotation)."
     )
     base_through_zero_adapter: bool = Field(
-        True, description="Serve base-model requests through an all-zero adapter, so that a base-model request "
-        "batched with adapter requests never gets an adapter's weights (vLLM's CPU LoRA kernels apply the last "
-        "adapter slot to base-model rows of a mixed batch). Takes one of the engine's --max-loras slots.",
+        False, description="Serve base-model requests through an all-zero adapter. Only for engines NOT started "
+        "from this installation on CPUs: vLLM's CPU LoRA ops give base-model rows of a mixed batch the last "
+        "adapter slot, which this package's vLLM plugin fixes in the engines it starts. Costs a --max-loras "
+        "slot and, on CPUs, most of the base model's throughput.",
     )
     engine_host: str = Field("127.0.0.1", description="Address of the embedded engine (private).")
     engine_port: int = Field(8001, description="Port of the embedded engine.")

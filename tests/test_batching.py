@@ -5,8 +5,10 @@ between the requests of a batch (wrong slot, wrong index) would give one tenant 
 adapters plus the base model are asked the same prompt one at a time, then all at once; every answer
 must match its solo answer token for token. A divergence is reported with the token where it begins.
 
-This test found one: vLLM's CPU kernels gave base-model requests in a mixed batch the adapter in the
-last slot. The gateway now serves the base model through an all-zero adapter (`adapters.zero`).
+This test found one: vLLM's CPU LoRA ops gave base-model requests in a mixed batch the adapter in the
+last slot. Engines started from this package load its vLLM plugin (`server/engine/vllm_fix.py`), which
+keeps adapters off base-model rows; `LORASERVE_BASE_THROUGH_ZERO_ADAPTER` is the fallback for engines
+without it (`adapters.zero`). This test runs the default: the plugin.
 """
 
 from __future__ import annotations

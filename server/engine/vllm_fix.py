@@ -1,0 +1,55 @@
+"""A vLLM plugin that makes base-model rows of a mixed LoRA batch add nothing on the CPU backend.
+
+vLLM's CPU LoRA ops (`vllm/lora/ops/torch_ops/lora_ops.py`, 0.32) pick each row's adapter with
+`weights[indices]`; a base-model row's index is -1, which selects the LAST adapter slot, so a base-model
+request batched with adapter requests is served with another tenant's adapter (vllm-project/vllm#48421,
+open). The GPU kernels skip such rows. This plugin wraps the three row-wise ops so rows with index -1
+keep their output untouched, as the GPU kernels do; rows with an adapter are computed exactly as before.
+
+vLLM loads it in every engine process through the `vllm.general_plugins` entry point of this package
+(see pyproject.toml), so every engine started from this installation (`loraserve engine`, the embedded
+one) has it. The module imports nothing from the gateway.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("loraserve.vllm_fix")
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def register() -> None:
+    """vLLM's entry point: patch the CPU LoRA ops once per process."""
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:  # a vLLM without these modules: nothing to fix
+        return
+    for name in _OPS:
+        original = getattr(lora_ops, name)
+        if getattr(original, "_skips_no_lora_rows", False):
+            continue
+        fixed = skip_no_lora_rows(original)
+        setattr(lora_ops, name, fixed)  # the sgmv_* ops call these through the module
+        if hasattr(punica_cpu, name):
+            setattr(punica_cpu, name, fixed)  # imported there by name
+    log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter")
+
+
+def skip_no_lora_rows(op):
+    """`op(inputs, weights, output, indices, ...)` that leaves the output rows of index -1 as they were."""
+
+    @functools.wraps(op)
+    def fixed(inputs, weights, output, indices, *args, **kwargs):
+        no_lora = indices < 0
+        if output.shape[0] != indices.shape[0] or not bool(no_lora.any()):
+            return op(inputs, weights, output, indices, *args, **kwargs)
+        kept = output[no_lora].clone()
+        result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+        output[no_lora] = kept
+        return result
+
+    fixed._skips_no_lora_rows = True
+    return fixed
