@@ -4,9 +4,9 @@
 
 Targets, all on the same vLLM engine (the gateway's embedded one): the engine itself with the base model
 (the baseline), the loraserve gateway, and LiteLLM's proxy (one worker, its default; uvicorn; master
-key, no database; provider `hosted_vllm` at the engine's /v1). The gateway serves base-model requests
-through an all-zero LoRA adapter (adapters/zero.py), so the engine does LoRA work for them; a fourth
-target, that adapter's name sent straight to the engine, separates this from what the relay costs.
+key, no database; provider `hosted_vllm` at the engine's /v1). When the gateway serves base-model
+requests through the all-zero LoRA adapter (LORASERVE_BASE_THROUGH_ZERO_ADAPTER=true, not the default),
+a fourth target, that adapter's name sent straight to the engine, separates that LoRA work from the relay.
 Each request is a streamed chat completion with `stream_options.include_usage`, temperature 0, the same
 prompt and exactly N output tokens (`max_tokens` = `min_tokens` = N). At each concurrency (1, 8, 32
 streams in flight) every target gets the same number of requests, in two rounds with the target order
