@@ -51,7 +51,7 @@ class Services:
             supervisor = ChildSupervisor(
                 "engine", engine_command(settings), engine_env(settings), settings.log_dir / "engine.log",
                 is_ready=pool.healthy, start_timeout=settings.engine_start_timeout,
-                on_restart=lambda: (pool.forget_all(), metrics.engine_restarts.inc()),
+                on_restart=lambda: (pool.mark_down(pool.slots[0]), metrics.engine_restarts.inc()),
             )
         if settings.run_worker:
             env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}

@@ -109,11 +109,6 @@ class EnginePool:
         slot.loaded.clear()
         slot.retiring.clear()
 
-    def forget_all(self, index: int = 0) -> None:
-        """The engine restarted: it holds no adapters any more."""
-        self.slots[index].loaded.clear()
-        self.slots[index].retiring.clear()
-
     def forget(self, slot: EngineSlot, engine_model: str) -> None:
         slot.loaded.discard(engine_model)
 
