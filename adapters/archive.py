@@ -3,6 +3,12 @@
 An archive is untrusted input. Nothing goes through the standard library's extractall: every member is
 checked first (name, kind, count, declared size), then each regular file is streamed into the folder
 here, with a running byte budget. Links, devices, paths outside the folder and zip bombs never reach disk.
+
+The archive's own metadata is bounded before the standard library reads it: `tarfile` reads a GNU long
+name or pax header whole, whatever size it declares (a 200 MB name fits in a 200 KB .tar.gz), and
+`zipfile` turns the whole central directory into objects when it opens a zip. So tar headers go through
+`_BoundedTarInfo`, which checks each extended header's size field first, and a zip's end record is read
+for its entry count and directory size before `ZipFile` parses anything.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ _CHUNK = 1 << 20
 _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _ZIP_KINDS = {0, stat.S_IFREG, stat.S_IFDIR}  # 0: no Unix type recorded (a zip made on Windows)
+# GNU long names and links, pax headers (local, global, Solaris): metadata that tarfile reads whole.
+_EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+             tarfile.SOLARIS_XHDTYPE}
+_SPARSE = tarfile.GNUTYPE_SPARSE  # a module constant: `_proc_member`'s argument is named `tarfile`
+_MAX_EXTENDED_BYTES = 64 << 10  # real ones hold a path and a few times, well under 1 kB
+_MAX_EXTENDED_CHAIN = 16  # in a row before a member; tarfile recurses once per header
+_MAX_ZIP_ENTRY_BYTES = 64 << 10  # a central directory entry: 46 bytes, a name and extra fields
+_SHOWN_NAME = 100  # characters of a member's name quoted in a message
 
 Entry = tuple[str, bool, int, Callable[[], IO[bytes]]]  # name, is a folder, declared size, opener
 
@@ -40,7 +54,7 @@ def unpack_archive(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
     """Unpack `archive` as flat files into the empty folder `dest`; on any refusal `dest` is left empty."""
     if any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty")
-    container, entries = _reading(_open, archive)
+    container, entries = _reading(_open, archive, limits)
     written: list[Path] = []
     try:
         with container:
@@ -69,18 +83,68 @@ def _reading(call: Callable[..., Any], *args: Any) -> Any:
         raise ArchiveRefused("The archive is corrupt or truncated.") from exc
 
 
-def _open(archive: Path) -> tuple[zipfile.ZipFile | tarfile.TarFile, Iterator[Entry]]:
+def _open(archive: Path, limits: ArchiveLimits) -> tuple[zipfile.ZipFile | tarfile.TarFile, Iterator[Entry]]:
     """The opened archive and its members; the format is told by content, whatever the file's name."""
     if zipfile.is_zipfile(archive):
+        _check_zip_directory(archive, limits)
         zf = zipfile.ZipFile(archive)
         return zf, _zip_entries(zf)
-    if tarfile.is_tarfile(archive):
-        tf = tarfile.open(archive, "r:*")  # noqa: SIM115 (the caller closes it)
+    # Not `tarfile.is_tarfile`: it reads the first header with the unbounded stock TarInfo.
+    try:
+        tf = tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 (the caller closes it)
+    except _READ_ERRORS:
+        pass
+    else:
         return tf, _tar_entries(tf)
     with archive.open("rb") as f:
         if f.read(4).startswith((b"PK\x03\x04", b"\x1f\x8b")):  # a zip's or gzip's start, but not its end
             raise ArchiveRefused("The archive is corrupt or truncated.")
     raise ArchiveRefused("The upload is not a .tar.gz or .zip archive.")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses, from its size field and before `tarfile` reads a byte of it, an
+    extended header over `_MAX_EXTENDED_BYTES` or a chain of more than `_MAX_EXTENDED_CHAIN`, and any
+    GNU sparse member (its sparse map, in headers or data, is read whole too). The hooks are CPython's
+    private `_proc_*` methods, stable since Python 3.2; tarfile builds every header with this class."""
+
+    def _proc_member(self, tarfile):
+        if self.type in _EXTENDED:
+            if self.size > _MAX_EXTENDED_BYTES:
+                raise ArchiveRefused(f"The archive has a long-name or pax header of {self.size} bytes; at most "
+                                     f"{_MAX_EXTENDED_BYTES} are accepted.")
+            chain = getattr(tarfile, "_extended_chain", 0) + 1
+            if chain > _MAX_EXTENDED_CHAIN:
+                raise ArchiveRefused(f"The archive has more than {_MAX_EXTENDED_CHAIN} extended headers "
+                                     "(long names or pax) in a row.")
+            tarfile._extended_chain = chain
+        else:
+            tarfile._extended_chain = 0
+            if self.type == _SPARSE:
+                _refuse_sparse()
+        return super()._proc_member(tarfile)
+
+    def _proc_gnusparse_00(self, *_args):
+        _refuse_sparse()
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def _refuse_sparse() -> None:
+    raise ArchiveRefused("The archive has a sparse member; pack the adapter's files as regular files.")
+
+
+def _check_zip_directory(archive: Path, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose end record declares more entries, or a bigger central directory, than the
+    limits allow, before `zipfile` parses that directory into memory (`_EndRecData`: zipfile's own
+    reader of the end record, zip64 included)."""
+    with archive.open("rb") as f:
+        end = zipfile._EndRecData(f)
+    if end is None:
+        return  # ZipFile says it is damaged
+    if (end[zipfile._ECD_ENTRIES_TOTAL] > limits.max_files
+            or end[zipfile._ECD_SIZE] > limits.max_files * _MAX_ZIP_ENTRY_BYTES):
+        raise ArchiveRefused(f"The archive has more than {limits.max_files} files and folders.")
 
 
 def _tar_entries(tf: tarfile.TarFile) -> Iterator[Entry]:
@@ -145,4 +209,5 @@ def _check(name: str, *checks: tuple[object, str]) -> None:
     """Refuse the member `name` with the first problem whose condition holds."""
     for failed, problem in checks:
         if failed:
-            raise ArchiveRefused(f"Archive member {name!r} {problem}.")
+            shown = name if len(name) <= _SHOWN_NAME else f"{name[:_SHOWN_NAME]}..."
+            raise ArchiveRefused(f"Archive member {shown!r} {problem}.")

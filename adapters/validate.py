@@ -8,6 +8,7 @@ are checked against the base model's real layers, read the same way from its saf
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import subprocess
@@ -26,6 +27,9 @@ IGNORED_FILES = {"README.md", ".gitattributes"}
 # Formats that execute code when loaded (pickle) or are code; refused even beside a safetensors file.
 UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc", ".so", ".sh", ".npy", ".npz"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Bytes per element of every byte-sized safetensors dtype; a file with another is refused.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1, "U8": 1,
+               "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 _MAX_HEADER = 100 * 1024 * 1024
 # `base_model.model.<module>.lora_A.weight`: the only tensor names a stock PEFT LoRA saves that the engine loads.
 _LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
@@ -160,8 +164,8 @@ def _read_config(path: Path, base: BaseModelSpec) -> tuple[AdapterInfo, dict[str
     if rank > base.max_rank:
         raise AdapterInvalid(f"The LoRA rank {rank} is above this server's maximum of {base.max_rank}.")
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise AdapterInvalid(f"'lora_alpha' must be a number, not {alpha!r}.")
+    if not _finite_positive(alpha):  # Python's json reads NaN, Infinity and 1e999 (inf)
+        raise AdapterInvalid(f"'lora_alpha' must be a finite positive number, not {alpha!r}.")
     targets = config.get("target_modules")
     if isinstance(targets, str):
         _check_target_regex(targets, base)
@@ -208,12 +212,16 @@ def _pattern_field(config: dict, field: str, max_rank: int | None) -> dict:
         raise AdapterInvalid(f"'{field}' must map module name patterns to numbers.")
     for key, value in entries.items():
         if max_rank is None:
-            valid, need = isinstance(value, int | float) and value > 0, "a positive number"
+            valid, need = _finite_positive(value), "a finite positive number"
         else:
             valid, need = isinstance(value, int) and 1 <= value <= max_rank, f"a rank from 1 to {max_rank}"
         if not valid or isinstance(value, bool):
             raise AdapterInvalid(f"'{field}' gives '{key}' the value {value!r}; it must be {need} on this server.")
     return entries
+
+
+def _finite_positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _fullmatches(patterns: list[str], names: list[str], template: str = "{}") -> list[set[str]]:
@@ -245,7 +253,9 @@ def _fullmatches(patterns: list[str], names: list[str], template: str = "{}") ->
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensors' names, dtypes and shapes, read without loading any weights; checks the file is whole."""
+    """The tensors' names, dtypes and shapes, read without loading any weights. Checks the file is whole
+    and every byte is accounted for: each tensor's range is its shape times its dtype's size, and the
+    ranges, in order, tile the data exactly (no overlap, no gap, nothing after the last)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -262,7 +272,6 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         raise AdapterInvalid(f"{path.name} has a corrupt header.")
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
-    end = 0
     for name, info in header.items():
         try:
             start, stop = info["data_offsets"]
@@ -273,12 +282,30 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             raise AdapterInvalid(f"{path.name}: the entry for '{name}' is corrupt.") from exc
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= data_len):
             raise AdapterInvalid(f"{path.name} is truncated or corrupt at tensor '{name}'.")
-        end = max(end, stop)
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise AdapterInvalid(f"{path.name}: tensor '{name}' has a corrupt shape.")
+        if info["dtype"] not in DTYPE_BYTES:
+            raise AdapterInvalid(f"{path.name}: tensor '{name}' has the unknown dtype {info['dtype'][:20]!r}.")
+        needed = math.prod(shape) * DTYPE_BYTES[info["dtype"]]
+        if stop - start != needed:
+            raise AdapterInvalid(f"{path.name}: tensor '{name}' spans {stop - start} bytes, but its shape "
+                                 f"{shape} of {info['dtype']} needs {needed} bytes.")
+    _check_tiling(path, header, data_len)
+    return header
+
+
+def _check_tiling(path: Path, header: dict[str, dict], data_len: int) -> None:
+    """The tensors' byte ranges, in order, follow each other from 0 to the end of the data."""
+    end = 0
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, stop = info["data_offsets"]
+        if start < end:
+            raise AdapterInvalid(f"{path.name}: tensor '{name}' overlaps the bytes of another tensor.")
+        if start > end:
+            raise AdapterInvalid(f"{path.name}: there is a gap of {start - end} bytes before tensor '{name}'.")
+        end = stop
     if end != data_len:
         raise AdapterInvalid(f"{path.name} is truncated or has trailing bytes.")
-    return header
 
 
 def _check_tensors(tensors: dict[str, dict], base: BaseModelSpec, ranks: dict[str, int]) -> None:

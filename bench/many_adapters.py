@@ -70,7 +70,7 @@ def ms(values: list[float], q: float) -> str:
 
 
 def adapter_loads(server: BenchServer) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = httpx.get(f"{server.url}/metrics", headers=server.admin_auth, timeout=10).text
     return sum(float(v) for v in re.findall(r"^loraserve_adapter_loads_total\{[^}]*\} (\S+)$", text, re.M))
 
 

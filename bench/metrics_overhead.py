@@ -37,7 +37,7 @@ async def run_at(server: BenchServer, concurrency: int, requests: int, model: st
 
 
 def overhead(server: BenchServer) -> tuple[float, float, dict[float, float]]:
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=server.admin_auth).text
     pick = lambda suffix: [  # noqa: E731
         (m.group(1), float(m.group(2))) for m in re.finditer(
             rf'^loraserve_gateway_overhead_seconds_{suffix}{{([^}}]*)}} (\S+)$', text, re.M)]

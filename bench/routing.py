@@ -78,7 +78,7 @@ def run_mode(mode: str, env: dict[str, str], data: Path, key: str, models: list[
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(one, order))
         wall = time.perf_counter() - started
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).text
         loads = sum(float(v) for v in re.findall(r"^loraserve_adapter_loads_total\{[^}]*\} (\S+)$", metrics, re.M))
         return {"tokens_per_s": sum(t for _, t in results) / wall, "loads": loads, "wall_s": wall,
                 "p50_ms": statistics.median(s for s, _ in results) * 1000}

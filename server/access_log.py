@@ -46,6 +46,8 @@ class AccessLog:
                       "status": status, "latency_ms": round((time.perf_counter() - state["started"]) * 1000, 1)}
             recorder = state.get("recorder")
             if recorder is not None:
+                if recorder.status == 499:
+                    fields["status"] = 499  # the client left before the answer's end (as nginx logs it)
                 fields.update(tenant=recorder.tenant, adapter=recorder.adapter,
                               prompt_tokens=recorder.prompt_tokens, completion_tokens=recorder.completion_tokens)
             log.info("request", extra={"fields": fields})

@@ -16,10 +16,12 @@ from starlette.responses import JSONResponse
 from server.access_log import AccessLog
 from server.body_limit import BodySizeLimit
 from server.config import Settings
+from server.early_auth import AuthBeforeBody
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
 from server.protocol import ErrorResponse
 from server.routes import admin, files, fine_tuning, health, openai
 from server.services import Services
+from server.unhandled import UnhandledErrors
 
 log = logging.getLogger("loraserve.app")
 
@@ -52,7 +54,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.include_router(router, responses=errors)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)
-    app.add_middleware(AccessLog)  # outermost: sees every response, the 413s above included
+    app.add_middleware(AuthBeforeBody)  # outside the size limit: no key, no byte of the body read
+    app.add_middleware(AccessLog)  # sees every response, the 401s and 413s above included
+    app.add_middleware(UnhandledErrors)  # outermost of ours: an unexpected error is one 500, nothing more
     _install_error_handlers(app)
     return app
 
@@ -92,7 +96,4 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("Internal server error.", "server_error", "internal_error"), status_code=500)
+    # Unexpected exceptions: server.unhandled.UnhandledErrors (Starlette's handler for them re-raises).

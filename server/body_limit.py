@@ -10,7 +10,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge, api_error_body
+from server.errors import APIError, PayloadTooLarge, api_error_body
 
 
 class BodySizeLimit:
@@ -70,8 +70,16 @@ async def _send_413(scope: Scope, send: Send) -> None:
     services = getattr(scope["app"].state, "services", None) if "app" in scope else None
     if services is not None:
         services.metrics.rejected("validation")
-    error = PayloadTooLarge("The request body is larger than this server accepts.")
+    await send_error(send, PayloadTooLarge("The request body is larger than this server accepts."))
+
+
+async def send_error(send: Send, error: APIError, *, close: bool = False) -> None:
+    """Answer with `error` in the OpenAI shape, from a middleware (routes raise instead). `close`: the
+    request's body was not read, so the connection must not carry another request."""
     body = json.dumps(api_error_body(error)).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in error.headers().items())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="Admin API key. When unset, `loraserve up` makes one once and prints it."
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token that may read GET /metrics (and nothing else); Prometheus sends it. "
+        "An admin key may read /metrics too; tenant keys never can.",
+    )
     auth_mode: Literal["key", "header"] = Field(
         "key",
         description="`key`: tenants authenticate with API keys. `header`: trust X-Tenant-ID alone "
@@ -47,13 +51,39 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Seconds without a heartbeat before a running job's worker counts as dead."
     )
     max_in_flight: int = Field(
-        256, ge=1, description="Requests the gateway serves at once; beyond it, 503 with Retry-After."
+        256, ge=1, description="Sequences (prompts x n) the gateway serves at once; beyond it, 503 with "
+        "Retry-After."
     )
     tenant_max_concurrent_requests: int | None = Field(
-        16, ge=1, description="Concurrent requests per tenant when its own limits do not say (fair sharing)."
+        16, ge=1, description="Concurrent sequences (prompts x n) per tenant when its own limits do not say "
+        "(fair sharing).",
+    )
+    cache_salt_secret: SecretStr | None = Field(
+        None, description="Secret the per-tenant prefix-cache salts are derived from; give every gateway that "
+        "shares engines the same one. Unset: made once and kept in data_dir/cache-salt.secret.",
     )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body, uploads aside (413).")
+    max_prompts_per_request: int = Field(
+        16, ge=1, le=1024, description="Most prompts in one /v1/completions request (each runs `n` sequences)."
+    )
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter upload (413).")
+    max_training_file_bytes: int = Field(
+        100 << 20, ge=1024, description="Largest training file (`POST /v1/files`, 413); also the most a job reads."
+    )
+    tenant_max_files: int | None = Field(100, ge=1, description="Files one tenant may store (409 beyond).")
+    tenant_max_file_bytes: int | None = Field(
+        1 << 30, ge=1024, description="Bytes of files one tenant may store, all together (413 beyond)."
+    )
+    tenant_max_active_jobs: int | None = Field(
+        4, ge=1, description="Fine-tuning jobs one tenant may have validating, queued or running (429 beyond)."
+    )
+    tenant_max_adapters: int | None = Field(
+        100, ge=1, description="Adapters (names) one tenant may have; a new name beyond it is refused (409)."
+    )
+    tenant_max_adapter_bytes: int | None = Field(
+        10 << 30, ge=1024, description="Bytes of adapter versions one tenant may keep, all versions together; a "
+        "version beyond it is refused (413)."
+    )
     archive_max_files: int = Field(16, ge=2, description="Most entries an uploaded archive may hold.")
     archive_max_unpacked_bytes: int = Field(1 << 30, ge=1024, description="Most bytes an archive may unpack to.")
 
@@ -81,6 +111,10 @@ class Settings(BaseSettings):
     engine_health_interval: float = Field(
         2.0, gt=0, description="Seconds between engine health checks (an engine that fails one leaves rotation)."
     )
+    engine_max_failures: int = Field(
+        3, ge=1, description="Consecutive failed connections to an engine (no passing health check or answer "
+        "between them) before it leaves rotation; a failed health check takes it out at once."
+    )
     base_through_zero_adapter: bool = Field(
         False, description="Serve base-model requests through an all-zero adapter. Only for engines NOT started "
         "from this installation on CPUs: vLLM's CPU LoRA ops give base-model rows of a mixed batch the last "
@@ -102,7 +136,12 @@ class Settings(BaseSettings):
     )
     engine_start_timeout: float = Field(900.0, description="Seconds to wait for the engine to become ready.")
     engine_read_timeout: float = Field(
-        300.0, description="Seconds without a byte from the engine before a request fails."
+        300.0, description="Seconds without a byte from a streaming engine response before it fails, and how long "
+        "the engine's /health may take to answer while a non-streamed request waits on it."
+    )
+    engine_request_timeout: float = Field(
+        600.0, gt=0, description="Most seconds a non-streamed engine request may take in total (it sends no byte "
+        "until done, so it is bounded by this and by the engine's liveness, not by engine_read_timeout)."
     )
 
     @field_validator("engine_urls", mode="before")

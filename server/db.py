@@ -67,6 +67,11 @@ class AdapterVersion(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     source: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # `verified` once an engine has loaded it, `unverified` until then, `refused` if an engine would not
+    # (see `server.store.Store.refuse_version`). Versions from before the column were served: verified.
+    state: Mapped[str] = mapped_column(String(16), default="unverified", server_default="verified")
+    # The version that was active when this one was made active unverified: where a refusal falls back to.
+    fallback_version: Mapped[int | None] = mapped_column(Integer)
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
 

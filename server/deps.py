@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from server.errors import Forbidden
 from server.jobstore import JobStore
 from server.services import Services
 from server.store import KeyIdentity, Tenant
-from server.tenancy import authenticate_admin, authenticate_tenant
+from server.tenancy import authenticate_admin, authenticate_tenant, bearer_token, identify_key
 
 
 def get_services(request: Request) -> Services:
@@ -47,3 +49,18 @@ def current_admin(
 
 
 AdminDep = Annotated[KeyIdentity, Depends(current_admin)]
+
+
+def metrics_reader(
+    services: ServicesDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> None:
+    """`/metrics` names every tenant with its usage: only the metrics token or an admin key reads it
+    (401 without a valid key, 403 for a tenant's key)."""
+    token = bearer_token(authorization)
+    secret = services.settings.metrics_token
+    if token is not None and secret is not None and hmac.compare_digest(
+        token.encode(), secret.get_secret_value().encode()
+    ):
+        return
+    if not identify_key(services.settings, services.store, token).is_admin:
+        raise Forbidden("Metrics need the metrics token or an admin key.")

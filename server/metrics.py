@@ -78,10 +78,14 @@ class RequestRecorder:
         self.metrics, self.started, self.tenant, self.route = metrics, started, tenant, route
         self.adapter = "unknown"
         self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_estimate = 0  # charged when a client leaves before the engine reported any usage
+        self.status: int | None = None
+        self._usage_seen = False
         self._first = False
         self._sent = False
         self._done = False
-        self.on_finish: Callable[[int], None] = lambda tokens: None  # gets the tokens used
+        # Gets the tokens used, or None when unknown (a client left before a whole answer it never saw).
+        self.on_finish: Callable[[int | None], None] = lambda tokens: None
 
     def engine_sent(self, load_seconds: float) -> None:
         """Called once per engine tried; the gateway's overhead counts up to the first try."""
@@ -98,18 +102,29 @@ class RequestRecorder:
             self.metrics.ttft.labels(self.tenant, self.adapter).observe(time.perf_counter() - self.started)
 
     def usage(self, usage: dict) -> None:
-        """The engine's `usage` object of a finished answer."""
+        """The engine's `usage` so far (cumulative: streams report it on every chunk)."""
+        self._usage_seen = True
         self.prompt_tokens = usage.get("prompt_tokens") or 0
         self.completion_tokens = usage.get("completion_tokens") or 0
-        self.metrics.prompt_tokens.labels(self.tenant, self.adapter).inc(self.prompt_tokens)
-        self.metrics.completion_tokens.labels(self.tenant, self.adapter).inc(self.completion_tokens)
 
-    def finished(self, status: int) -> None:
+    def finished(self, status: int, *, usage_unknown: bool = False) -> None:
+        """The request is over: count it once, and charge the tokens used. `usage_unknown`: the engine
+        request was abandoned before it reported usage (a non-streamed request whose client left)."""
         if self._done:
             return
         self._done = True
-        self.on_finish(self.prompt_tokens + self.completion_tokens)
-        self.first_token()  # a non-streamed answer's first token arrives with its last
+        self.status = status
+        if self._usage_seen:
+            used: int | None = self.prompt_tokens + self.completion_tokens
+        elif usage_unknown:
+            used = None
+        else:
+            used = self.prompt_estimate if status == 499 else 0
+        self.on_finish(used)
+        self.metrics.prompt_tokens.labels(self.tenant, self.adapter).inc(self.prompt_tokens)
+        self.metrics.completion_tokens.labels(self.tenant, self.adapter).inc(self.completion_tokens)
+        if status == 200:
+            self.first_token()  # a non-streamed answer's first token arrives with its last
         self.metrics.requests.labels(self.tenant, self.adapter, self.route, str(status)).inc()
         self.metrics.duration.labels(self.tenant, self.adapter).observe(time.perf_counter() - self.started)
 

@@ -7,6 +7,7 @@ Engine errors become `APIError`s here, before any byte is sent, or an SSE error 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,13 +44,18 @@ class _EngineForgotModel(Exception):
 
 
 async def forward(
-    pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, recorder: RequestRecorder
+    pool: EnginePool, route: ModelRoute, endpoint: str, request: GenerationRequest, recorder: RequestRecorder,
+    *, cache_salt: str, client_gone: Callable[[], Awaitable[None]],
 ) -> Response:
     """Serve `request` on an engine. It goes to another engine when one proves unreachable before
-    answering (no output was sent yet), and once more when an engine had silently lost the adapter."""
+    answering (no output was sent yet), and once more when an engine had silently lost the adapter.
+    `client_gone` returns when the client disconnects: a non-streamed request is then abandoned, which
+    makes the engine abort it (a stream learns it from its own connection)."""
+    payload = request.engine_payload(route.engine_model, cache_salt)
     if route.path is None and pool.base_stand_in is not None:
         name, path = pool.base_stand_in
         route = replace(route, engine_model=name, path=Path(path))
+        payload["model"] = name
     tried: list[EngineSlot] = []
     relearned = False
     while True:
@@ -58,11 +64,11 @@ async def forward(
         recorder.engine_sent(load_seconds)
         try:
             if request.stream:
-                return await _stream(slot, route, endpoint, request, recorder, release)
-            return await _complete(slot, route, endpoint, request, recorder)
+                return await _stream(slot, route, endpoint, payload, request, recorder, release)
+            return await _complete(slot, route, endpoint, payload, recorder, client_gone)
         except EngineUnreachable:
             log.warning("engine %s unreachable for %s; trying another", slot.client.base_url, route.engine_model)
-            pool.mark_down(slot)
+            pool.failed(slot)  # one dropped connection is no reason to take the engine from everyone
             tried.append(slot)
         except _EngineForgotModel:
             pool.forget(slot, route.engine_model)
@@ -74,8 +80,22 @@ async def forward(
                 release()
 
 
-async def _complete(slot: EngineSlot, route, endpoint, request, recorder: RequestRecorder) -> Response:
-    reply = await slot.client.complete(endpoint, request.engine_payload(route.engine_model))
+async def _complete(
+    slot: EngineSlot, route, endpoint, payload: dict, recorder: RequestRecorder,
+    client_gone: Callable[[], Awaitable[None]],
+) -> Response:
+    answer = asyncio.ensure_future(slot.client.complete(endpoint, payload))
+    gone = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()  # drops the engine connection: vLLM aborts the request
+    if not answer.done() or answer.cancelled():
+        recorder.finished(499, usage_unknown=True)
+        return Response(status_code=499)  # nobody reads it; the access log and metrics do
+    reply = answer.result()
     if reply.status != 200:
         raise _engine_error(reply.status, reply.body, route)
     body = reply.json()
@@ -85,11 +105,14 @@ async def _complete(slot: EngineSlot, route, endpoint, request, recorder: Reques
     return JSONResponse(body)
 
 
-async def _stream(slot: EngineSlot, route, endpoint, request, recorder: RequestRecorder, release: _Once) -> Response:
+async def _stream(
+    slot: EngineSlot, route, endpoint, payload: dict, request: GenerationRequest, recorder: RequestRecorder,
+    release: _Once,
+) -> Response:
     """Open the engine's stream; its status decides the HTTP status before any byte is sent. From
     then on the response owns the connection and the engine slot."""
     try:
-        response = await slot.client.open_stream(endpoint, request.engine_payload(route.engine_model))
+        response = await slot.client.open_stream(endpoint, payload)
     except BaseException:
         release()
         raise
@@ -99,17 +122,11 @@ async def _stream(slot: EngineSlot, route, endpoint, request, recorder: RequestR
         finally:
             await response.aclose()
             release()
-
-    async def finish(status: int = 200) -> None:
-        await response.aclose()  # closing the connection makes vLLM abort an unfinished request
-        release()
-        recorder.finished(status)
-
-    events = _relay_events(response, route, request.wants_usage, recorder, finish)
+    relay = _StreamRelay(response, route, request, recorder, release)
     # The background task also runs when the client left before the first byte was sent.
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-        background=BackgroundTask(finish),
+        relay.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(relay.finish),
     )
 
 
@@ -123,42 +140,76 @@ class _Once:
             fn()
 
 
-async def _relay_events(
-    response: httpx.Response, route: ModelRoute, wants_usage: bool, recorder: RequestRecorder,
-    finish: Callable[[int], Awaitable[None]],
-) -> AsyncIterator[bytes]:
-    status = 200
-    try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                yield b"data: [DONE]\n\n"
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                status = 503
-                log.error("engine error event for %s: %s", route.engine_model, data[:500])
-                event = _broken_stream()
-            else:
-                if event.get("choices"):
-                    recorder.first_token()
-                usage = event.get("usage")
-                if usage:
-                    recorder.usage(usage)
-                    if not wants_usage:
-                        if not event.get("choices"):
-                            continue  # the usage-only chunk the client did not ask for
-                        event.pop("usage")
-                event["model"] = route.requested
-            yield _sse(event)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        status = 503
-        log.error("engine stream for %s broke: %s", route.engine_model, type(exc).__name__)
-        yield _sse(_broken_stream())
-    finally:
-        await finish(status)
+class _StreamRelay:
+    """One engine stream relayed to one client. Usage comes on every engine chunk (the gateway asks for it)
+    and is passed on only as the client asked; a stream the client left before its end is a 499, charged
+    with what the engine had produced by then."""
+
+    def __init__(self, response: httpx.Response, route: ModelRoute, request: GenerationRequest,
+                 recorder: RequestRecorder, release: _Once):
+        self.response, self.route, self.recorder, self.release = response, route, recorder, release
+        self.wants_usage, self.wants_continuous = request.wants_usage, request.wants_continuous_usage
+        self.n = request.n or 1
+        self.status: int | None = None  # set when the engine's stream ended, or broke
+        # The engine's per-chunk usage counts one sequence (choice) and its prompt: summed here.
+        self._completion: dict[int, int] = {}
+        self._prompt: dict[int, int] = {}
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            async for line in self.response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    yield b"data: [DONE]\n\n"
+                    continue
+                event = self._rewrite(json.loads(data))
+                if event is not None:
+                    yield _sse(event)
+            self.status = self.status or 200
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            self.status = 503
+            log.error("engine stream for %s broke: %s", self.route.engine_model, type(exc).__name__)
+            yield _sse(_broken_stream())
+        finally:
+            await self.finish()
+
+    def _rewrite(self, event: dict) -> dict | None:
+        """The engine's event as the client sees it; None to drop it."""
+        if "error" in event:
+            self.status = 503
+            log.error("engine error event for %s: %s", self.route.engine_model, str(event)[:500])
+            return _broken_stream()
+        if event.get("choices"):
+            self.recorder.first_token()
+        usage = event.pop("usage", None)
+        if usage:
+            self._count(event.get("choices"), usage)
+        if not event.get("choices"):  # the closing usage-only chunk
+            if not self.wants_usage:
+                return None
+            event["usage"] = usage
+        elif self.wants_continuous:
+            event["usage"] = usage
+        event["model"] = self.route.requested
+        return event
+
+    def _count(self, choices: list | None, usage: dict) -> None:
+        if not choices:  # the closing chunk: the request's totals
+            self.recorder.usage(usage)
+            return
+        for choice in choices:
+            index = choice.get("index", 0)
+            self._completion[index] = usage.get("completion_tokens") or 0
+            self._prompt[index // self.n] = usage.get("prompt_tokens") or 0
+        self.recorder.usage({"prompt_tokens": sum(self._prompt.values()),
+                             "completion_tokens": sum(self._completion.values())})
+
+    async def finish(self) -> None:
+        await self.response.aclose()  # closing the connection makes vLLM abort an unfinished request
+        self.release()
+        self.recorder.finished(self.status or 499)
 
 
 def _broken_stream() -> dict:

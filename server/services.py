@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from adapters.registry import Registry
+from adapters.registry import AdapterQuota, Registry
 from adapters.validate import BaseModelSpec
 from adapters.zero import ENGINE_NAME as ZERO_ENGINE_NAME
 from adapters.zero import ensure_zero_adapter
+from server.cache_salt import CacheSalts, load_or_create_secret
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.pool import EnginePool, PoolObserver
@@ -32,6 +33,7 @@ class Services:
     metrics: Metrics
     limiter: Limiter
     jobs: JobStore
+    cache_salts: CacheSalts
     supervisor: ChildSupervisor | None = None  # the embedded engine
     worker: ChildSupervisor | None = None
     draining: bool = False
@@ -40,11 +42,13 @@ class Services:
     def build(cls, settings: Settings) -> Services:
         store = build_store(settings)
         registry = build_registry(settings, store)
-        clients = [EngineClient(url, read_timeout=settings.engine_read_timeout) for url in settings.engine_base_urls()]
+        clients = [EngineClient(url, read_timeout=settings.engine_read_timeout,
+                                request_timeout=settings.engine_request_timeout)
+                   for url in settings.engine_base_urls()]
         metrics = Metrics(state=lambda: metrics_state(store, pool))  # read at scrape time, pool set below
         pool = EnginePool(
-            clients, observer=_MetricsObserver(metrics), routing=settings.engine_routing,
-            capacity=settings.engine_capacity,
+            clients, observer=_MetricsObserver(metrics, store), routing=settings.engine_routing,
+            capacity=settings.engine_capacity, max_failures=settings.engine_max_failures,
         )
         supervisor = worker = None
         if settings.embedded_engine:
@@ -55,9 +59,12 @@ class Services:
             )
         if settings.run_worker:
             env = {**engine_env(settings), **settings.as_env(), "LORASERVE_RUN_WORKER": "false"}
+            for name in type(settings).model_fields:  # the database it needs; the secrets (admin key...) never
+                if hasattr(getattr(settings, name), "get_secret_value"):
+                    env.pop(f"LORASERVE_{name.upper()}", None)
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
         return cls(settings, store, registry, pool, metrics, Limiter(settings.max_in_flight), JobStore(store),
-                   supervisor, worker)
+                   build_cache_salts(settings), supervisor, worker)
 
     def children(self) -> list[ChildSupervisor]:
         return [c for c in (self.supervisor, self.worker) if c is not None]
@@ -74,8 +81,14 @@ class Services:
         self.pool.base_stand_in = (ZERO_ENGINE_NAME, str(folder))
 
 class _MetricsObserver(PoolObserver):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, store: Store):
         self.metrics = metrics
+        self.store = store
+
+    async def verdict(self, engine_model: str, loaded: bool) -> None:
+        from server.lifecycle import engine_verdict  # lifecycle needs Services: imported when first used
+
+        await engine_verdict(self.store, engine_model, loaded)
 
     def loaded(self, engine: str, seconds: float) -> None:
         self.metrics.adapter_loaded(engine, seconds)
@@ -91,9 +104,16 @@ def build_store(settings: Settings) -> Store:
     return store
 
 
+def build_cache_salts(settings: Settings) -> CacheSalts:
+    if settings.cache_salt_secret is not None:
+        return CacheSalts(settings.cache_salt_secret.get_secret_value().encode())
+    return CacheSalts(load_or_create_secret(settings.data_dir / "cache-salt.secret"))
+
+
 def build_registry(settings: Settings, store: Store) -> Registry:
     spec = BaseModelSpec(
         model_id=settings.base_model_id, served_name=settings.served_model_name,
         path=settings.model_path, max_rank=settings.engine_max_lora_rank,
     )
-    return Registry(settings.registry_path, store, spec)
+    quota = AdapterQuota(settings.tenant_max_adapters, settings.tenant_max_adapter_bytes)
+    return Registry(settings.registry_path, store, spec, quota)

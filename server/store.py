@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import URL, create_engine, event, func, make_url, select, text, update
+from sqlalchemy import URL, create_engine, event, func, make_url, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from adapters.names import check_name
 from server.db import Adapter, AdapterVersion, ApiKey, AuditRecord, Tenant, VersionSequence, utcnow
 
-__all__ = ["AdapterView", "Conflict", "KeyIdentity", "Missing", "Store", "Tenant"]
+__all__ = ["AdapterView", "Conflict", "KeyIdentity", "Missing", "OverQuota", "Store", "Tenant"]
 
 
 class Missing(LookupError):
@@ -35,6 +35,14 @@ class Missing(LookupError):
 
 class Conflict(ValueError):
     """The change contradicts the current state (a duplicate, or deleting what is in use)."""
+
+
+class OverQuota(Conflict):
+    """Recording the adapter version would pass a tenant's quota (`what`: `adapters` or `adapter_bytes`)."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
 
 KEY_PREFIX = "ls"
 # The row lock of read-modify-write methods: FOR NO KEY UPDATE on PostgreSQL (rows that reference the locked
@@ -49,6 +57,7 @@ class VersionView:
     size_bytes: int
     source: str
     created_at: datetime
+    state: str = "verified"  # or `unverified` (no engine has loaded it yet) or `refused` (an engine would not)
 
 
 @dataclass(frozen=True)
@@ -263,26 +272,92 @@ class Store:
 
     def add_version(
         self, tenant_id: str, name: str, version: int, *, rank: int, size_bytes: int, source: str,
-        activate: bool = True,
-    ) -> None:
-        """Record a published version (its number comes from `reserve_version`)."""
+        activate: bool = True, max_adapters: int | None = None, max_bytes: int | None = None,
+    ) -> bool:
+        """Record a published version (its number comes from `reserve_version`), `unverified` until an
+        engine loads it; with `activate`, make it active if it is the newest (`activate_if_newer`).
+        Returns whether it became active. `OverQuota`, and nothing recorded, when the tenant would then
+        have more than `max_adapters` adapters or `max_bytes` bytes of versions. The counts are taken after
+        the insert, in its transaction: on SQLite the insert holds the write lock, on PostgreSQL the
+        tenant's row is locked first, so concurrent publishes cannot both slip under a quota."""
         for attempt in range(3):
             try:
                 with self.session() as s:
-                    self._tenant(s, tenant_id)
+                    self._tenant(s, tenant_id, lock=True)
                     adapter = self._adapter(s, tenant_id, name, lock=True)
                     if adapter is None:
                         adapter = Adapter(tenant_id=tenant_id, name=name)
                         s.add(adapter)
                         s.flush()
                     s.add(AdapterVersion(adapter_id=adapter.id, version=version, rank=rank,
-                                         size_bytes=size_bytes, source=source))
-                    if activate:
-                        adapter.active_version = version
-                return
+                                         size_bytes=size_bytes, source=source, state="unverified"))
+                    s.flush()
+                    self._check_quota(s, tenant_id, max_adapters, max_bytes)
+                break
             except IntegrityError:  # a concurrent first publish created the adapter row; a retry finds it
                 if attempt == 2:
                     raise
+        return activate and self.activate_if_newer(tenant_id, name, version)[0]
+
+    @staticmethod
+    def _check_quota(s: Session, tenant_id: str, max_adapters: int | None, max_bytes: int | None) -> None:
+        if max_adapters is not None:
+            count = s.scalar(select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id))
+            if count > max_adapters:
+                raise OverQuota(f"The tenant already has {max_adapters} adapters, its quota; delete one first.",
+                                "adapters")
+        if max_bytes is not None:
+            total = s.scalar(select(func.coalesce(func.sum(AdapterVersion.size_bytes), 0)).join(Adapter)
+                             .where(Adapter.tenant_id == tenant_id))
+            if total > max_bytes:
+                raise OverQuota(f"This version would bring the tenant's adapters to {total} bytes, above its "
+                                f"quota of {max_bytes}; delete old versions first.", "adapter_bytes")
+
+    def activate_if_newer(self, tenant_id: str, name: str, version: int) -> tuple[bool, int | None]:
+        """Make a just-published `version` active unless a newer one already is: concurrent publishes end
+        with the highest number active, whatever order they finish in. Returns (activated, the version
+        active before). The version's `fallback_version` is set to that previous one (see
+        `refuse_version`). Two statements, and the conditional UPDATE decides: on SQLite the first write
+        takes the database's lock, on PostgreSQL the UPDATE re-checks its condition on the locked row."""
+        with self.session() as s:
+            adapter_id = self._existing_adapter(s, tenant_id, name).id
+            active = select(Adapter.active_version).where(Adapter.id == adapter_id).scalar_subquery()
+            s.execute(update(AdapterVersion).where(AdapterVersion.adapter_id == adapter_id,
+                                                   AdapterVersion.version == version)
+                      .values(fallback_version=active))
+            previous = s.scalar(select(AdapterVersion.fallback_version).where(
+                AdapterVersion.adapter_id == adapter_id, AdapterVersion.version == version))
+            done = s.execute(update(Adapter).where(
+                Adapter.id == adapter_id, or_(Adapter.active_version.is_(None), Adapter.active_version < version),
+            ).values(active_version=version))
+            return done.rowcount == 1, previous
+
+    def mark_verified(self, tenant_id: str, name: str, version: int) -> bool:
+        """An engine loaded the version: `unverified` becomes `verified` (a refusal is never undone)."""
+        with self.session() as s:
+            done = s.execute(update(AdapterVersion).where(
+                AdapterVersion.adapter_id == self._adapter_id(tenant_id, name), AdapterVersion.version == version,
+                AdapterVersion.state == "unverified").values(state="verified"))
+            return done.rowcount == 1
+
+    def refuse_version(self, tenant_id: str, name: str, version: int) -> tuple[bool, int | None] | None:
+        """An engine refused an `unverified` version at its first load: it becomes `refused` and can never
+        be active again. If it was active, the adapter falls back to the version active before it (its
+        `fallback_version`, following refusals down the chain), else to the newest verified version, else
+        to none (NAME answers 404). Returns (it was active, the version active now), or None when the
+        version was not unverified (verified versions that fail later are an operational error, not a
+        verdict on the adapter)."""
+        with self.session() as s:
+            marked = s.execute(update(AdapterVersion).where(
+                AdapterVersion.adapter_id == self._adapter_id(tenant_id, name), AdapterVersion.version == version,
+                AdapterVersion.state == "unverified").values(state="refused"))
+            if marked.rowcount != 1:
+                return None
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)  # SQLite: under the write lock now
+            if adapter.active_version != version:
+                return False, adapter.active_version
+            adapter.active_version = _fallback(adapter, version)
+            return True, adapter.active_version
 
     def get_adapter(self, tenant_id: str, name: str) -> AdapterView | None:
         with self.session() as s:
@@ -295,12 +370,18 @@ class Store:
             return [_view(a) for a in rows]
 
     def activate(self, tenant_id: str, name: str, version: int) -> int | None:
-        """Make `version` the active one; returns the version that was active before."""
+        """Make `version` the active one; returns the version that was active before. A `refused` version
+        cannot be; an `unverified` one falls back to the previous if an engine refuses it."""
         with self.session() as s:
             adapter = self._existing_adapter(s, tenant_id, name, lock=True)
-            if version not in {v.version for v in adapter.versions}:
+            row = next((v for v in adapter.versions if v.version == version), None)
+            if row is None:
                 raise Missing(f"adapter '{name}' has no version {version}")
+            if row.state == "refused":
+                raise Conflict(f"version {version} was refused by the inference engine; it cannot be made active")
             previous, adapter.active_version = adapter.active_version, version
+            if row.state == "unverified" and previous != version:
+                row.fallback_version = previous
             return previous
 
     def delete_version(self, tenant_id: str, name: str, version: int) -> None:
@@ -352,6 +433,11 @@ class Store:
         stmt = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
         return s.scalar(stmt.with_for_update(**ROW_LOCK) if lock else stmt)
 
+    @staticmethod
+    def _adapter_id(tenant_id: str, name: str):
+        """The adapter's id, as a subquery of the statement it is used in."""
+        return select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name).scalar_subquery()
+
     def _existing_adapter(self, s: Session, tenant_id: str, name: str, lock: bool = False) -> Adapter:
         adapter = self._adapter(s, tenant_id, name, lock)
         if adapter is None:
@@ -359,8 +445,21 @@ class Store:
         return adapter
 
 
+def _fallback(adapter: Adapter, refused: int) -> int | None:
+    """Where an adapter goes when its active version `refused` is refused (see `Store.refuse_version`)."""
+    rows = {v.version: v for v in adapter.versions}
+    seen, target = {refused}, rows[refused].fallback_version
+    while target in rows and target not in seen and rows[target].state == "refused":
+        seen.add(target)
+        target = rows[target].fallback_version
+    if target in rows and target not in seen:
+        return target
+    return max((v for v, row in rows.items() if row.state == "verified"), default=None)
+
+
 def _view(adapter: Adapter) -> AdapterView:
-    details = tuple(VersionView(v.version, v.rank, v.size_bytes, v.source, v.created_at) for v in adapter.versions)
+    details = tuple(VersionView(v.version, v.rank, v.size_bytes, v.source, v.created_at, v.state)
+                    for v in adapter.versions)
     return AdapterView(
         tenant_id=adapter.tenant_id, name=adapter.name, active_version=adapter.active_version,
         versions=tuple(v.version for v in details), created_at=adapter.created_at, version_details=details,

@@ -40,8 +40,31 @@ def engine_command(settings: Settings) -> list[str]:
     ]
 
 
+# What the engine may inherit from the gateway's environment: the system's basics, locale, the Python
+# and library search paths, and the knobs of vLLM, PyTorch, the accelerator and the thread pools. Nothing
+# else: the gateway's LORASERVE_* settings hold the admin key and the database URL, and the engine, which
+# loads whatever path it is sent, needs neither.
+_ENGINE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LANG", "LANGUAGE", "TMPDIR", "TEMP", "TMP",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "LD_PRELOAD", "XDG_CACHE_HOME", "TRANSFORMERS_CACHE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+})
+_ENGINE_ENV_PREFIXES = (
+    "LC_", "VLLM_", "HF_", "TORCH", "TRITON_", "CUDA_", "NVIDIA_", "NCCL_", "HIP_", "ROCM_", "ROCR_", "OMP_",
+    "KMP_", "MKL_", "OPENBLAS_", "GOMP_", "ONEDNN_", "DNNL_", "NUMEXPR_",
+)
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")  # HF_TOKEN, VLLM_API_KEY: never passed
+
+
+def engine_env_allows(name: str) -> bool:
+    if any(word in name.upper() for word in _SECRET_WORDS):
+        return False
+    return name in _ENGINE_ENV_NAMES or name.startswith(_ENGINE_ENV_PREFIXES)
+
+
 def engine_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+    """The engine's environment: an allowlist of the gateway's (see above), plus what it must have."""
+    env = {name: value for name, value in os.environ.items() if engine_env_allows(name)}
     env.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_NO_USAGE_STATS": "1",  # no telemetry calls from a private server

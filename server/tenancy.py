@@ -95,7 +95,8 @@ def resolve_model(settings: Settings, store: Store, registry: Registry, tenant: 
     name, sep, version_text = model.partition("@")
     version = None
     if sep:
-        if not version_text.isdigit() or len(version_text) > 9:
+        # ASCII digits only: str.isdigit also takes "²", which int() then refuses.
+        if not (version_text.isascii() and version_text.isdigit()) or len(version_text) > 9:
             raise ModelNotFound(model)
         version = int(version_text)
     if not is_valid_name(name):

@@ -2,10 +2,13 @@
 
 A job's data is checked when it is created (status `validating_files`): a malformed file ends the job
 `failed` at once, with the offending lines named. The worker does the rest (see `server.worker`).
+Each tenant stores at most `tenant_max_files` files of `tenant_max_file_bytes` bytes together, and has at
+most `tenant_max_active_jobs` jobs validating, queued or running.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -15,17 +18,19 @@ from pathlib import Path
 from fastapi import UploadFile
 
 from adapters.names import InvalidName, check_name
-from adapters.train.data import DataError, load_conversations
+from adapters.train.data import DataError, count_conversations
 from server.config import Settings
 from server.db import Job
-from server.errors import BadRequest, ModelNotFound, PayloadTooLarge
-from server.jobstore import JobStore, new_id
+from server.errors import BadRequest, Conflict, ModelNotFound, PayloadTooLarge, RateLimited
+from server.jobstore import JobStore, OverQuota, new_id
 from server.store import Tenant
 from server.training_protocol import JobCreate
 
 BASE_LEARNING_RATE = 1e-3
 DEFAULT_BATCH_SIZE = 4
 _CHUNK = 1 << 20
+JOB_RETRY_AFTER = 60  # seconds: a short fine-tuning job's length
+log = logging.getLogger("loraserve.training")
 
 
 def files_dir(settings: Settings, tenant_id: str) -> Path:
@@ -37,9 +42,14 @@ def file_path(settings: Settings, tenant_id: str, file_id: str) -> Path:
 
 
 def store_file(settings: Settings, jobs: JobStore, tenant: Tenant, upload: UploadFile, purpose: str):
-    """Save an uploaded training file (written whole, then renamed into place) and record it."""
+    """Save an uploaded training file (written whole, then renamed into place) and record it, within the
+    tenant's quotas: files (409), their bytes and the size of one file (413)."""
     if purpose != "fine-tune":
         raise BadRequest("Only purpose 'fine-tune' is supported.", param="purpose")
+    count, used = jobs.file_usage(tenant.id)
+    if settings.tenant_max_files is not None and count >= settings.tenant_max_files:
+        raise _over_quota(OverQuota("files", settings.tenant_max_files))
+    room = settings.tenant_max_file_bytes - used if settings.tenant_max_file_bytes is not None else None
     file_id = new_id("file")
     target = file_path(settings, tenant.id, file_id)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,22 +60,42 @@ def store_file(settings: Settings, jobs: JobStore, tenant: Tenant, upload: Uploa
             upload.file.seek(0)
             for chunk in iter(lambda: upload.file.read(_CHUNK), b""):
                 size += len(chunk)
-                if size > settings.max_upload_bytes:
-                    raise PayloadTooLarge("The file is larger than this server accepts.")
+                if size > settings.max_training_file_bytes:
+                    raise PayloadTooLarge(f"The file is larger than this server accepts "
+                                          f"({settings.max_training_file_bytes} bytes).", param="file")
+                if room is not None and size > room:
+                    raise _over_quota(OverQuota("file_bytes", settings.tenant_max_file_bytes))
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, target)
+        filename = (upload.filename or "upload.jsonl")[:255]
+        try:
+            return jobs.add_file(file_id, tenant.id, filename, purpose, size, max_files=settings.tenant_max_files,
+                                 max_bytes=settings.tenant_max_file_bytes)
+        except OverQuota as exc:  # another upload of the tenant's took the room meanwhile
+            raise _over_quota(exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise
-    filename = (upload.filename or "upload.jsonl")[:255]
-    return jobs.add_file(file_id, tenant.id, filename, purpose, size)
 
 
 def delete_file(settings: Settings, jobs: JobStore, tenant: Tenant, file_id: str) -> None:
     jobs.delete_file(tenant.id, file_id)
     file_path(settings, tenant.id, file_id).unlink(missing_ok=True)
+
+
+def _over_quota(exc: OverQuota) -> Exception:
+    """The client's error for a passed quota: it must delete files, or wait for its jobs to finish."""
+    if exc.what == "files":
+        return Conflict(f"This account already stores the most files allowed ({exc.limit}); delete some first.",
+                        code="quota_exceeded", param="file")
+    if exc.what == "file_bytes":
+        return PayloadTooLarge(f"This file would take the account's stored files past the {exc.limit} bytes "
+                               "allowed; delete some first.", code="quota_exceeded", param="file")
+    return RateLimited(f"This account already has the most fine-tuning jobs allowed in progress ({exc.limit}); "
+                       "wait for one to finish or cancel one.", code="quota_exceeded", retry_after=JOB_RETRY_AFTER)
 
 
 def create_job(settings: Settings, jobs: JobStore, tenant: Tenant, body: JobCreate) -> Job:
@@ -85,23 +115,39 @@ def create_job(settings: Settings, jobs: JobStore, tenant: Tenant, body: JobCrea
     if suffix == "default":
         raise BadRequest("The suffix 'default' is reserved.", param="suffix", code="invalid_name")
 
-    job = jobs.create_job(
-        tenant_id=tenant.id, model=settings.served_model_name, training_file=body.training_file,
-        validation_file=body.validation_file, suffix=suffix, status="validating_files",
-        seed=body.seed if body.seed is not None else 0, hyperparameters={}, lora=_lora_settings(body),
-    )
     try:
-        train = load_conversations(paths["training_file"], role="training file")
+        job = jobs.create_job(
+            tenant_id=tenant.id, model=settings.served_model_name, training_file=body.training_file,
+            validation_file=body.validation_file, suffix=suffix, status="validating_files",
+            seed=body.seed if body.seed is not None else 0, hyperparameters={}, lora=_lora_settings(body),
+            max_active=settings.tenant_max_active_jobs,
+        )
+    except OverQuota as exc:
+        raise _over_quota(exc) from None
+    _validate(settings, jobs, job, body, paths)
+    return jobs.get_job(tenant.id, job.id)
+
+
+def _validate(settings: Settings, jobs: JobStore, job: Job, body: JobCreate, paths: dict[str, Path]) -> None:
+    """Check the job's files (streamed, one line in memory, at most max_training_file_bytes each) and move it
+    to `queued` or `failed`. Whatever happens, the job does not stay in `validating_files`."""
+    limit = settings.max_training_file_bytes
+    try:
+        examples = count_conversations(paths["training_file"], role="training file", max_bytes=limit)
         if "validation_file" in paths:
-            load_conversations(paths["validation_file"], role="validation file")
+            count_conversations(paths["validation_file"], role="validation file", max_bytes=limit)
     except DataError as exc:
         param = "validation_file" if "validation file" in str(exc) else "training_file"
         error = {"code": "invalid_training_file", "message": str(exc), "param": param}
         jobs.set_status(job.id, "failed", error=error, event=str(exc), level="error")
+    except Exception:
+        log.exception("job %s: the files could not be checked", job.id)
+        message = "The training file could not be checked."
+        jobs.set_status(job.id, "failed", error={"code": "invalid_training_file", "message": message,
+                                                 "param": "training_file"}, event=message, level="error")
     else:
-        jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(body, len(train)),
-                        event=f"Files validated: {len(train)} training examples. Job queued.")
-    return jobs.get_job(tenant.id, job.id)
+        jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(body, examples),
+                        event=f"Files validated: {examples} training examples. Job queued.")
 
 
 def _hyperparameters(body: JobCreate, examples: int) -> dict:

@@ -16,7 +16,8 @@ from fastapi import UploadFile
 
 from adapters.archive import ArchiveLimits, unpack_archive
 from server.config import Settings
-from server.errors import BadRequest, PayloadTooLarge
+from server.errors import APIError, BadRequest, Conflict, PayloadTooLarge
+from server.store import OverQuota
 
 _CHUNK = 1 << 20
 
@@ -47,6 +48,12 @@ def staged_upload(
         yield folder
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def quota_error(exc: OverQuota) -> APIError:
+    """A tenant's adapter quota, as the uploader reads it: too many adapters 409, too many bytes 413."""
+    kind = PayloadTooLarge if exc.what == "adapter_bytes" else Conflict
+    return kind(str(exc), code="quota_exceeded")
 
 
 class _Budget:

@@ -24,6 +24,11 @@ CRD_API = "monitoring.coreos.com/v1"
 
 DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|[smhdwy]))+)$"}
 STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+SECRET_KEY_REF = {"type": "object", "required": ["name", "key"], "additionalProperties": False,
+                  "properties": {"name": {"type": "string"}, "key": {"type": "string"},
+                                 "optional": {"type": "boolean"}}}
+AUTHORIZATION = {"type": "object", "required": ["credentials"], "additionalProperties": False,
+                 "properties": {"type": {"type": "string"}, "credentials": SECRET_KEY_REF}}
 SELECTOR = {"type": "object", "additionalProperties": False,
             "properties": {"matchLabels": STRINGS, "matchExpressions": {"type": "array"}}}
 
@@ -50,7 +55,7 @@ CRD_SCHEMAS = {
         "endpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "additionalProperties": False,
                       "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
                                      "scheme": {"enum": ["http", "https"]}, "interval": DURATION,
-                                     "scrapeTimeout": DURATION}}}}}),
+                                     "scrapeTimeout": DURATION, "authorization": AUTHORIZATION}}}}}),
     "PrometheusRule": _crd({"required": ["groups"], "properties": {"groups": {"type": "array", "items": {
         "type": "object", "required": ["name", "rules"], "additionalProperties": False, "properties": {
             "name": {"type": "string", "minLength": 1}, "interval": DURATION, "limit": {"type": "integer"},

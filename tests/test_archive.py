@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import stat
 import struct
@@ -279,3 +280,116 @@ def test_duplicates_and_empty_archives_are_refused(tmp_path, dest):
         archive = make_zip(tmp_path / "a.zip", [("a/x", b"1"), ("a/x", b"2")])
     refused(archive, dest, "appears twice")
     refused(make_tar(tmp_path / "b.tar.gz", [tar_entry("top", tarfile.DIRTYPE)]), dest, "no files")
+
+
+# Memory bombs in the archive's own headers (issue 12, item 6)
+
+_PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from adapters.archive import ArchiveLimits, ArchiveRefused, unpack_archive
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    unpack_archive(Path(sys.argv[1]), Path(sys.argv[2]), ArchiveLimits())
+    outcome = "accepted"
+except ArchiveRefused as exc:
+    outcome = f"refused: {exc}"
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(outcome)
+"""
+PEAK_BOUND = 20 << 20
+
+
+def header_bomb(path: Path, kind: bytes, size: int = 200 << 20, chained: int = 1) -> Path:
+    """A .tar.gz whose first header is a GNU long name/link or pax header declaring `size` bytes (all
+    `a`, so it compresses to ~0.1% of that), `chained` times in a row, then a real small file."""
+    with gzip.open(path, "wb", compresslevel=9) as gz:
+        for _ in range(chained):
+            info = tarfile.TarInfo("././@LongLink")
+            info.type, info.size = kind, size
+            gz.write(info.tobuf(format=tarfile.GNU_FORMAT))
+            block = b"a" * (1 << 20)
+            for start in range(0, size, len(block)):
+                gz.write(block[:size - start])
+            gz.write(bytes(-size % tarfile.BLOCKSIZE))
+        member, data = tar_file("adapter_config.json", b"{}")
+        gz.write(member.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(tarfile.BLOCKSIZE - len(data)))
+        gz.write(bytes(2 * tarfile.BLOCKSIZE))
+    return path
+
+
+def peak_while_unpacking(archive: Path, dest: Path) -> tuple[int, str]:
+    """Peak memory growth (bytes) of a fresh interpreter unpacking `archive`, and how it ended."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(archive), str(dest)], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    grown, outcome = done.stdout.strip().split("\n", 1)
+    return int(grown), outcome
+
+
+def test_a_200_mb_gnu_long_name_is_refused_with_bounded_memory(tmp_path, dest):
+    """The issue's bomb: a ~200 KB .tar.gz whose GNU long-name header declares 200 MB. CPython's tarfile
+    reads the whole declared size into memory (229 MB measured); the archive module must refuse it from
+    the header's size field first. Failed before the fix (the peak grew by ~400 MB, and it was refused
+    only later, as an over-long file name)."""
+    archive = header_bomb(tmp_path / "bomb.tar.gz", tarfile.GNUTYPE_LONGNAME)
+    assert archive.stat().st_size < 300_000
+    grown, outcome = peak_while_unpacking(archive, dest)
+    assert grown < PEAK_BOUND, f"peak memory grew by {grown >> 20} MB"
+    assert outcome.startswith("refused:") and "header" in outcome, outcome[:300]
+    assert len(outcome) < 1000  # the message never echoes the member's name at length
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                                  tarfile.SOLARIS_XHDTYPE])
+def test_every_extended_header_kind_is_bounded(tmp_path, dest, kind):
+    """GNU long link ('K') and pax ('x', 'g', Solaris 'X') headers are read whole by tarfile too; each
+    is refused from its size field. Failed before the fix (the whole declared size was read)."""
+    archive = header_bomb(tmp_path / "bomb.tar.gz", kind, size=64 << 20)
+    grown, outcome = peak_while_unpacking(archive, dest)
+    assert grown < PEAK_BOUND, f"peak memory grew by {grown >> 20} MB"
+    assert outcome.startswith("refused:") and "header" in outcome, outcome[:300]
+
+
+def test_a_long_chain_of_small_extended_headers_is_refused(tmp_path, dest):
+    """Each pax or long-name header makes tarfile recurse into the next one: thousands of small ones in
+    a row are refused as such (before the fix: RecursionError, a 500)."""
+    archive = header_bomb(tmp_path / "chain.tar.gz", tarfile.XGLTYPE, size=16, chained=5000)
+    refused(archive, dest, "extended headers")
+
+
+def test_small_extended_headers_are_still_accepted(tmp_path, dest, adapter_files):
+    """Real archives use pax headers (GNU tar, bsdtar, Python's default format) and GNU long names."""
+    members = [tar_file(f"{'d' * 150}/{name}", data) for name, data in adapter_files.items()]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        for path in dest.iterdir():
+            path.unlink()
+        unpack_archive(make_tar(tmp_path / f"{fmt}.tar.gz", members, fmt=fmt), dest, LIMITS)
+        assert unpacked(dest) == adapter_files
+
+
+def test_a_sparse_member_is_refused(tmp_path, dest):
+    """GNU sparse members carry their own map of extended headers; an adapter never needs one."""
+    info, data = tar_file("adapter_model.safetensors", b"x" * 10)
+    info.type = tarfile.GNUTYPE_SPARSE
+    raw = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    path = tmp_path / "sparse.tar"
+    path.write_bytes(bytes(raw) + data + bytes(tarfile.BLOCKSIZE - len(data)) + bytes(2 * tarfile.BLOCKSIZE))
+    refused(path, dest, "sparse")
+
+
+def test_a_zip_central_directory_flood_is_refused_before_parsing(tmp_path, dest):
+    """zipfile parses the whole central directory into objects when it opens an archive (~0.5 kB of
+    memory per entry, 0.6 GB for a 512 MB upload): the entry count and the directory's size are checked
+    from its end record first. Failed before the fix (200,000 entries: the peak grew by 21 MB before the
+    member limit refused the archive)."""
+    path = tmp_path / "flood.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(200_000):
+            zf.writestr(f"{i:05d}", b"")
+    grown, outcome = peak_while_unpacking(path, dest)
+    assert outcome.startswith("refused:") and "files" in outcome, outcome[:300]
+    assert grown < PEAK_BOUND // 2, f"peak memory grew by {grown >> 20} MB"

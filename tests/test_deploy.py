@@ -31,7 +31,8 @@ from tests import deploy_files as files
 from tests.deploy_files import COMPOSE_FILES, DOCKERFILES, K8S, PROBE, ROOT
 
 ROLES = ("gateway", "engine", "worker")
-COMPOSE_SECRETS = {"LORASERVE_ADMIN_KEY": "test-admin-key", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
+COMPOSE_SECRETS = {"LORASERVE_ADMIN_KEY": "test-admin-key", "LORASERVE_METRICS_TOKEN": "test-metrics-token",
+                   "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
 SETTING_VARS = {f"LORASERVE_{name.upper()}" for name in Settings.model_fields}
 IMAGE_UID = 10001
 
@@ -70,9 +71,10 @@ def test_compose_config_accepts_the_file_and_demands_the_admin_key(name, tmp_pat
         argv = [*command, "--env-file", str(tmp_path / "empty.env"), "-f", str(ROOT / name), "config", "-q"]
         ok = subprocess.run(argv, env={**env, **COMPOSE_SECRETS}, cwd=ROOT, capture_output=True, text=True, timeout=99)
         assert ok.returncode == 0, ok.stderr
-        env_without_key = {**env, "GRAFANA_ADMIN_PASSWORD": "x"}
-        refused = subprocess.run(argv, env=env_without_key, cwd=ROOT, capture_output=True, text=True, timeout=99)
-        assert refused.returncode != 0 and "LORASERVE_ADMIN_KEY" in refused.stderr + refused.stdout
+        for missing in ("LORASERVE_ADMIN_KEY", "LORASERVE_METRICS_TOKEN"):
+            env_without_key = {**env, **{k: v for k, v in COMPOSE_SECRETS.items() if k != missing}}
+            refused = subprocess.run(argv, env=env_without_key, cwd=ROOT, capture_output=True, text=True, timeout=99)
+            assert refused.returncode != 0 and missing in refused.stderr + refused.stdout
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -157,6 +159,35 @@ def test_every_loraserve_variable_in_the_deploy_files_is_a_setting():
     assert not unknown, f"not settings of server/config.py (typos?): {unknown}"
 
 
+def test_prometheus_reads_the_gateway_metrics_with_the_metrics_token():
+    """Item 4 of issue 12: the gateway's /metrics answers only to the metrics token (or the admin key), so
+    every scrape of it must send the token: deploy/prometheus.yml reads it from the file that compose's
+    prometheus service writes from the same LORASERVE_METRICS_TOKEN the gateway gets, and the ServiceMonitor
+    sends the Secret's metrics-token, which the gateway pods get too. Failed before: no scrape sent any."""
+    scrape = {job["job_name"]: job for job in yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+              ["scrape_configs"]}
+    token_file = scrape["loraserve-gateway"]["authorization"]["credentials_file"]
+    assert "authorization" not in scrape["vllm-engine"]  # the engine is private, its metrics hold no tenant
+    for name in COMPOSE_FILES:
+        services = files.compose(name)["services"]
+        wanted = "${LORASERVE_METRICS_TOKEN:?"
+        assert files.env_of(services["gateway"])["LORASERVE_METRICS_TOKEN"].startswith(wanted)
+        prometheus = services["prometheus"]
+        assert files.env_of(prometheus)["LORASERVE_METRICS_TOKEN"].startswith(wanted)
+        script = prometheus["entrypoint"][2]
+        assert f'"$$LORASERVE_METRICS_TOKEN" > {token_file} ' in script and "exec /bin/prometheus" in script
+        assert Path(token_file).parent in {Path(target) for target in files.mounts(prometheus)}
+        assert "/etc/prometheus/prometheus.yml" in " ".join(prometheus["command"])
+    [gateway_monitor] = [m for m in files.objects("ServiceMonitor").values()
+                         if m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"]
+    credentials = gateway_monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+    assert credentials["name"] == "loraserve-secrets"
+    assert credentials["key"] in files.objects("Secret")["loraserve-secrets"]["stringData"]
+    gateway_env = {v["name"]: v["valueFrom"]["secretKeyRef"]
+                   for v in files.pod(files.workloads()["gateway"])["containers"][0]["env"]}
+    assert gateway_env["LORASERVE_METRICS_TOKEN"] == credentials
+
+
 # Kubernetes
 
 def test_every_manifest_validates_strictly():
@@ -226,7 +257,8 @@ def test_k8s_workloads(monkeypatch):
                 assert ref["name"] == "loraserve-secrets" and ref["key"] in secret
                 secret_vars[var["name"]] = ref["key"]
         assert files.claim_mounts(obj).get("loraserve-models") in (None, str(settings.model_path.parent))
-    assert secret_vars == {"LORASERVE_DATABASE_URL": "database-url", "LORASERVE_ADMIN_KEY": "admin-key"}
+    assert secret_vars == {"LORASERVE_DATABASE_URL": "database-url", "LORASERVE_ADMIN_KEY": "admin-key",
+                           "LORASERVE_METRICS_TOKEN": "metrics-token"}
 
     for role, obj in loads.items():
         main = files.pod(obj)["containers"][0]

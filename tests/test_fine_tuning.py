@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -77,6 +78,42 @@ def wait_for(client, job_id: str, statuses: tuple[str, ...], timeout: float = 60
     raise AssertionError(f"job {job_id} still {job.status} after {timeout:.0f} s")
 
 
+def training_child(job_id: str) -> int | None:
+    """The pid of the training process running this job, if there is one (found by its config's path)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"adapters.train.job" in args and any(f"/jobs/{job_id}/config.json".encode() in a for a in args):
+            return int(entry.name)
+    return None
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def eventually(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def new_tenant(gateway, name: str) -> str:
+    """A tenant made through the admin API; its key."""
+    assert gateway.admin("POST", "/tenants", json={"id": name}).status_code == 201
+    created = gateway.admin("POST", f"/tenants/{name}/keys")
+    assert created.status_code == 201
+    return created.json()["key"]
+
+
 def upload(client, data: bytes, name: str = "train.jsonl"):
     return client.files.create(file=(name, data), purpose="fine-tune")
 
@@ -116,6 +153,12 @@ def test_train_then_serve_the_adapter(gateway, worker):
     assert "metrics" in kinds and any("Published" in e.message for e in events)
     assert any(e.data and e.data.get("stage") == "after" for e in events)  # the evaluation is reported
 
+    # No server path reaches the tenant (failed before issue 12's fix: "Adapter saved to <data dir>/jobs/...").
+    shown = json.dumps([done.model_dump(), [j.model_dump() for j in alpha.fine_tuning.jobs.list(limit=100).data],
+                        [e.model_dump() for e in events]])
+    for path in {str(gateway.settings.data_dir.resolve()), str(gateway.settings.model_path), str(REPO)}:
+        assert path not in shown
+
 
 @pytest.mark.parametrize(("content", "words"), [
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n',
@@ -124,6 +167,9 @@ def test_train_then_serve_the_adapter(gateway, worker):
     (jsonl([conversation("a", "b"), conversation("c", "d"), {"messages": [{"role": "user", "content": "x"}]}]),
      "line 3"),
     (b"", "empty"),
+    # Failed before issue 12's fix: a 500, and the job stuck in validating_files.
+    (TRAIN[:-1] + b"\n" + b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n", "line 5: not valid JSON"),
+    (b'{"messages": [], "n": ' + b"1" * 5000 + b"}\n", "line 1: not valid JSON"),
 ])
 def test_bad_training_files_fail_naming_the_line(gateway, worker, content, words):
     alpha = gateway.client(gateway.tenants["alpha"].key)
@@ -172,13 +218,77 @@ def test_tenants_cannot_reach_each_others_files_and_jobs(gateway, worker):
         alpha.files.retrieve(file.id)
 
 
+def test_quotas_on_stored_files_and_active_jobs(gateway, monkeypatch):
+    """Guards the per-tenant quotas: files stored (409), their bytes and one file's size (413), jobs in progress
+    (429 with Retry-After), each in OpenAI's error shape. Failed before issue 12's fix: there were none."""
+    client = gateway.client(new_tenant(gateway, "quota"))
+    for name, value in {"tenant_max_files": 2, "tenant_max_file_bytes": 3 * len(TRAIN),
+                        "tenant_max_active_jobs": 1}.items():
+        monkeypatch.setattr(gateway.settings, name, value)
+    first = upload(client, TRAIN)
+    with pytest.raises(openai.APIStatusError) as too_many_bytes:
+        upload(client, TRAIN * 3)
+    assert too_many_bytes.value.status_code == 413 and too_many_bytes.value.code == "quota_exceeded"
+    second = upload(client, TRAIN)
+    with pytest.raises(openai.ConflictError) as too_many_files:
+        upload(client, TRAIN)
+    assert too_many_files.value.code == "quota_exceeded" and "delete" in too_many_files.value.message
+    assert [f.id for f in client.files.list().data] == [second.id, first.id]  # the refused ones left nothing
+    client.files.delete(second.id)
+    largest = gateway.settings.max_training_file_bytes
+    monkeypatch.setattr(gateway.settings, "max_training_file_bytes", len(TRAIN) - 1)
+    with pytest.raises(openai.APIStatusError) as too_big:
+        upload(client, TRAIN)
+    assert too_big.value.status_code == 413 and too_big.value.code == "payload_too_large"
+    monkeypatch.setattr(gateway.settings, "max_training_file_bytes", largest)
+
+    model = gateway.settings.served_model_name
+    job = client.fine_tuning.jobs.create(model=model, training_file=first.id, suffix="one",
+                                         hyperparameters={"n_epochs": 1})
+    with pytest.raises(openai.RateLimitError) as too_many_jobs:
+        client.fine_tuning.jobs.create(model=model, training_file=first.id, suffix="two")
+    assert too_many_jobs.value.code == "quota_exceeded" and too_many_jobs.value.response.headers["retry-after"]
+    client.fine_tuning.jobs.cancel(job.id)
+    eventually(lambda: client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled"),
+               "the first job to end")
+    again = client.fine_tuning.jobs.create(model=model, training_file=first.id, suffix="two")  # room again
+    client.fine_tuning.jobs.cancel(again.id)
+    assert gateway.admin("DELETE", "/tenants/quota").status_code == 204
+
+
+def test_deleting_a_tenant_with_a_running_job(gateway, worker):
+    """Guards: deleting a tenant cancels its jobs and stops its training child, and the worker lives on; the
+    child's environment holds no admin key. Failed before issue 12's fix: the child had LORASERVE_ADMIN_KEY,
+    and the worker crashed on the vanished job, leaving the child running."""
+    doomed = gateway.client(new_tenant(gateway, "doomed"))
+    job = doomed.fine_tuning.jobs.create(model=gateway.settings.served_model_name,
+                                         training_file=upload(doomed, TRAIN).id, suffix="gone",
+                                         hyperparameters={"n_epochs": 100})
+    child = eventually(lambda: training_child(job.id), "the job's training process")
+    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"LORASERVE_", b"PGPASSWORD="))], "the child has secrets"
+    assert gateway.admin("DELETE", "/tenants/doomed").status_code == 204
+    eventually(lambda: not alive(child), "the training process to stop")
+    assert worker.process.poll() is None, "the worker died"
+    alpha = gateway.client(gateway.tenants["alpha"].key)
+    after = alpha.fine_tuning.jobs.create(model=gateway.settings.served_model_name,
+                                          training_file=upload(alpha, TRAIN).id, suffix="after",
+                                          hyperparameters={"n_epochs": 1})
+    eventually(lambda: alpha.fine_tuning.jobs.retrieve(after.id).status != "queued", "the worker to take a job")
+    alpha.fine_tuning.jobs.cancel(after.id)
+    wait_for(alpha, after.id, ("succeeded", "failed", "cancelled"))
+
+
 def test_a_worker_dying_mid_job_leaves_it_failed(gateway, worker):
     alpha = gateway.client(gateway.tenants["alpha"].key)
     job = alpha.fine_tuning.jobs.create(model=gateway.settings.served_model_name,
                                         training_file=upload(alpha, TRAIN).id, suffix="orphan",
                                         hyperparameters={"n_epochs": 100})
     wait_for(alpha, job.id, ("running",), timeout=120)
+    child = eventually(lambda: training_child(job.id), "the job's training process")
     worker.kill()
+    # ...and its training process dies with it (failed before issue 12's fix: it went on training).
+    eventually(lambda: not alive(child), "the orphaned training process to stop", timeout=120)
     assert alpha.fine_tuning.jobs.retrieve(job.id).status == "running"
     worker.start()  # the next worker finds the job's worker gone and fails the job
     done = wait_for(alpha, job.id, ("succeeded", "failed", "cancelled"), timeout=120)

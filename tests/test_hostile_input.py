@@ -43,6 +43,17 @@ def cases(gateway):
     yield "traversal-model", "alpha", "POST", CHAT, {"json": {"model": "../../beta/legal", "messages": MSG}}
     yield "traversal-version", "alpha", "POST", CHAT, {"json": {"model": "support@../../1", "messages": MSG}}
     yield "huge-version", "alpha", "POST", CHAT, {"json": {"model": f"support@{huge}", "messages": MSG}}
+    yield "superscript-version", "alpha", "POST", CHAT, {"json": {"model": "x@\u00b2", "messages": MSG}}  # was a 500
+    # Message structure reaches the engine typed (tests/test_request_shapes.py has the full set).
+    yield "content-wrong-type", "alpha", "POST", CHAT, {"json": {"model": "support", "messages": [
+        {"role": "user", "content": {"$ref": "#"}}]}}
+    yield "image-part", "alpha", "POST", CHAT, {"json": {"model": "support", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}]}]}}
+    yield "custom-tool", "alpha", "POST", CHAT, {"json": {"model": "support", "messages": MSG, "tools": [
+        {"type": "custom", "custom": {"name": "shell"}}]}}
+    yield "token-out-of-vocab", "alpha", "POST", "/v1/completions", {"json": {"model": "support",
+                                                                             "prompt": [2**31 - 1]}}
+    yield "prompt-flood", "alpha", "POST", "/v1/completions", {"json": {"model": "support", "prompt": ["x"] * 1025}}
     yield "other-tenants-adapter", "alpha", "POST", CHAT, {"json": {"model": "legal", "messages": MSG}}
     yield "engine-name", "alpha", "POST", CHAT, {"json": {"model": "beta--legal--v1", "messages": MSG}}
     yield "oversized-body", "alpha", "POST", CHAT, {"content": b'{"model": "' + b"a" * (9 << 20) + b'"}'}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.errors import EngineUnavailable, RateLimited
+from server.budget import plan_cost
+from server.cache_salt import CacheSalts, load_or_create_secret
+from server.errors import BadRequest, EngineUnavailable, RateLimited
 from server.limits import Limiter
+from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def test_concurrency_limit_and_release():
@@ -37,6 +40,70 @@ def test_tokens_per_minute_are_charged_when_a_request_ends():
         limiter.admit("t", {"tokens_per_minute": 100})
 
 
+def test_tokens_are_reserved_at_admission_and_reconciled_at_the_end():
+    """Concurrent requests see each other's reservations: the third 137-token request of a 300-token budget
+    waits, although nothing was charged yet (before the fix all were admitted). The end gives back what was
+    not used."""
+    limiter = Limiter(max_in_flight=100)
+    limits = {"tokens_per_minute": 300}
+    first = limiter.admit("t", limits, tokens=137)
+    limiter.admit("t", limits, tokens=137)
+    with pytest.raises(RateLimited) as caught:
+        limiter.admit("t", limits, tokens=137)
+    assert int(caught.value.headers()["Retry-After"]) >= 1
+    first.release(20)  # it used 20 of its 137
+    limiter.admit("t", limits, tokens=137)
+
+
+def test_an_unknown_use_keeps_the_whole_reservation():
+    limiter = Limiter(max_in_flight=100)
+    limiter.admit("t", {"tokens_per_minute": 300}, tokens=200).release(None)
+    with pytest.raises(RateLimited):
+        limiter.admit("t", {"tokens_per_minute": 300}, tokens=150)
+
+
+def test_concurrency_counts_sequences():
+    limiter = Limiter(max_in_flight=100)
+    limits = {"max_concurrent_requests": 8}
+    wide = limiter.admit("t", limits, sequences=8)
+    with pytest.raises(RateLimited):
+        limiter.admit("t", limits)
+    wide.release(0)
+    with pytest.raises(BadRequest) as caught:
+        limiter.admit("t", limits, sequences=9)  # could never be admitted: not a 429 to retry
+    assert caught.value.code == "too_many_sequences"
+    with pytest.raises(BadRequest):
+        Limiter(max_in_flight=4).admit("t", {}, sequences=5)
+
+
+def test_the_reservation_covers_every_sequence():
+    body = CompletionRequest(model="m", prompt=["a b c", "d e f"], n=3, max_tokens=10)
+    cost = plan_cost(body, context_window=2048, token_budget=None)
+    assert cost.sequences == 6 and cost.reserved_tokens == cost.prompt_tokens + 60
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x" * 300}], max_tokens=5)
+    assert plan_cost(chat, context_window=2048, token_budget=None).prompt_tokens >= 75
+
+
+def test_an_open_request_is_capped_to_what_the_budget_pays_for():
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    cost = plan_cost(body, context_window=2048, token_budget=300)
+    assert cost.reserved_tokens <= 300 and body.max_tokens == 300 - cost.prompt_tokens
+    with pytest.raises(BadRequest) as caught:
+        plan_cost(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=400),
+                  context_window=2048, token_budget=300)
+    assert caught.value.code == "tokens_exceed_limit"
+
+
+def test_cache_salts_are_per_tenant_and_the_secret_is_kept(tmp_path):
+    secret = load_or_create_secret(tmp_path / "salt.secret")
+    assert load_or_create_secret(tmp_path / "salt.secret") == secret and len(secret) == 64
+    assert (tmp_path / "salt.secret").stat().st_mode & 0o777 == 0o600
+    salts = CacheSalts(secret)
+    assert salts.for_tenant("a") == CacheSalts(secret).for_tenant("a") != salts.for_tenant("b")
+    assert CacheSalts(b"other").for_tenant("a") != salts.for_tenant("a")
+    assert secret.decode() not in salts.for_tenant("a")
+
+
 def test_the_gateway_wide_bound_is_a_503():
     limiter = Limiter(max_in_flight=2)
     limiter.admit("a", {})
@@ -57,7 +124,9 @@ def test_limits_through_the_gateway(gateway):
     assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] <= 4
     over = httpx.post(url, json={**body, "max_tokens": 50}, headers=headers, timeout=60)
     assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
-    assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 200
+    # A refused request does not count against the rate.
+    for _ in range(2):
+        assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 200
     limited = httpx.post(url, json=body, headers=headers, timeout=60)
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["type"] == "rate_limit_error"

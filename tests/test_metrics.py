@@ -1,4 +1,5 @@
-"""Metrics as an operator sees them: a real Prometheus scrapes the gateway during known traffic."""
+"""Metrics as an operator sees them: a real Prometheus scrapes the gateway during known traffic, sending the
+metrics token as deploy/prometheus.yml does (/metrics refuses tenants; see tests/test_ingress.py)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,39 @@ import time
 
 import httpx
 import pytest
+import yaml
+from pydantic import SecretStr
 
 from tests.adapter_files import write_adapter
-from tests.conftest import REPO, free_port, wait_until_ok
+from tests.conftest import ADMIN_KEY, REPO, free_port, wait_until_ok
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 
 
+METRICS_TOKEN = "test-metrics-token-for-prometheus"
+
+
 @pytest.fixture(scope="module")
-def prometheus(gateway, tmp_path_factory):
+def metrics_token(gateway):
+    settings = gateway.services.settings
+    before = settings.metrics_token
+    settings.metrics_token = SecretStr(METRICS_TOKEN)
+    yield METRICS_TOKEN
+    settings.metrics_token = before
+
+
+@pytest.fixture(scope="module")
+def prometheus(gateway, metrics_token, tmp_path_factory):
     binary = shutil.which("prometheus")
     assert binary, "Debian's prometheus package is missing; `make test` installs it"
     folder = tmp_path_factory.mktemp("prometheus")
     port = free_port()
+    (folder / "metrics-token").write_text(metrics_token)
     (folder / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [{"job_name": "gateway", "static_configs": [
-            {"targets": [gateway.url.removeprefix("http://")]}]}],
+            {"targets": [gateway.url.removeprefix("http://")]}],
+            "authorization": {"type": "Bearer", "credentials_file": str(folder / "metrics-token")}}],
     }))
     process = subprocess.Popen(
         [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
@@ -80,11 +97,12 @@ def test_prometheus_sees_exact_counts_per_tenant_and_adapter(gateway, prometheus
     eventually(prometheus, 'loraserve_gateway_overhead_seconds_count{tenant="lambda",adapter="base"}', 2)
     eventually(prometheus, 'loraserve_registry_versions{tenant="kappa"}', 1)
     assert query(prometheus, 'loraserve_engine_up') == 1
+    assert query(prometheus, 'up{job="gateway"}') == 1  # scraped with the token, as deploy/prometheus.yml does
     assert query(prometheus, 'sum(loraserve_uploads_total{result="accepted"})') >= 1
 
 
 def metrics_text(gateway) -> str:
-    response = httpx.get(f"{gateway.url}/metrics", timeout=30)
+    response = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     return response.text
 
@@ -93,11 +111,20 @@ def series(text: str) -> set[str]:
     return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_promtool_accepts_the_metrics_and_the_shipped_files(gateway):
+def test_promtool_accepts_the_metrics_and_the_shipped_files(gateway, tmp_path):
     checked = subprocess.run(["promtool", "check", "metrics"], input=metrics_text(gateway), text=True,
                              capture_output=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    for args in (["check", "config", "deploy/prometheus.yml"], ["check", "rules", "deploy/alerts.yml"]):
+    # promtool checks that the token file exists: point it at one here, beside a copy of the rules.
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        if "authorization" in job:
+            (tmp_path / "metrics-token").write_text("x")
+            job["authorization"]["credentials_file"] = str(tmp_path / "metrics-token")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    for rule_file in config["rule_files"]:
+        shutil.copy(REPO / "deploy" / rule_file, tmp_path / rule_file)
+    for args in (["check", "config", str(tmp_path / "prometheus.yml")], ["check", "rules", "deploy/alerts.yml"]):
         done = subprocess.run(["promtool", *args], cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
     json.loads((REPO / "deploy" / "grafana" / "dashboard.json").read_text())

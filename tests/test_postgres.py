@@ -296,8 +296,9 @@ def test_two_gateways_share_one_postgres_database(gateway, base_model_path, post
         listed = admin(url1, "GET", "/tenants/pgshared/adapters/bot").json()
         assert [v["version"] for v in listed["versions"]] == [1, 2] and listed["active_version"] == 2
         assert answer(url1, key)
+        text = httpx.get(f"{url2}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
         scraped = {(m.name, m.labels.get("tenant")): m.value
-                   for f in text_string_to_metric_families(httpx.get(f"{url2}/metrics").text) for m in f.samples}
+                   for f in text_string_to_metric_families(text) for m in f.samples}
         assert scraped["loraserve_registry_bytes", "pgshared"] == sum(v["size_bytes"] for v in listed["versions"])
 
         # A key revoked through gateway 2 is refused by gateway 1 at once.

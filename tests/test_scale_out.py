@@ -128,7 +128,7 @@ def traffic(url: str, keys: dict[str, str], rounds: int, concurrency: int = 2) -
 
 
 def loads_by_engine(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).text
     found = re.findall(r'^loraserve_adapter_loads_total\{engine="([^"]+)"\} (\S+)$', text, re.M)
     return {engine: float(count) for engine, count in found}
 

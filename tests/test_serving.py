@@ -140,3 +140,34 @@ def test_bad_requests_get_openai_errors(gateway):
     r = httpx.post(f"{gateway.url}/v1/chat/completions", headers=headers, json={
         "model": "support", "messages": PROMPT, "max_tokens": 10**6})
     assert r.status_code == 400 and "--" not in r.json()["error"]["message"], r.text
+
+
+def _counter(gateway, name: str, tenant: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = gateway.services.metrics.render().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and s.labels.get("tenant") == tenant)
+
+
+def test_continuous_usage_is_relayed_when_asked_and_counted_once(gateway):
+    """`stream_options.continuous_usage_stats` puts the usage so far on every chunk, and the token metrics
+    count the request's tokens once. Before the fix every chunk's cumulative usage was added to the
+    counters (a 12-token answer counted as 78 completion tokens)."""
+    alpha = gateway.client(gateway.tenants["alpha"].key)
+    before = _counter(gateway, "loraserve_completion_tokens_total", "alpha")
+    chunks = list(alpha.chat.completions.create(
+        model="support", messages=PROMPT, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"min_tokens": 12}))
+    with_text = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert with_text and all(c.usage is not None for c in with_text)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts)
+    assert chunks[-1].usage.completion_tokens == 12
+    assert _counter(gateway, "loraserve_completion_tokens_total", "alpha") - before == 12
+    # Without the option, only the closing chunk has usage; without include_usage, none has.
+    plain = list(alpha.chat.completions.create(model="support", messages=PROMPT, max_tokens=4, stream=True,
+                                               stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in plain].count(True) == 1 and plain[-1].usage is not None
+    bare = list(alpha.chat.completions.create(model="support", messages=PROMPT, max_tokens=4, stream=True))
+    assert all(c.usage is None for c in bare)

@@ -15,8 +15,10 @@ import pytest
 
 from adapters.train import job
 from adapters.train.data import (
+    MAX_LINE_BYTES,
     Conversation,
     DataError,
+    count_conversations,
     load_conversations,
     tokenize_all,
     tokenize_conversation,
@@ -97,6 +99,9 @@ def test_every_bad_line_is_named_up_to_five(tmp_path):
     (b'{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
      "starts with an assistant message"),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not valid UTF-8"),
+    # Failed before issue 12's fix: RecursionError and ValueError (Python's 4,300-digit limit) escaped as a 500.
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON: nested too deeply"),
+    (b'{"messages": [], "n": ' + b"9" * 5000 + b"}", "not valid JSON"),
 ])
 def test_one_bad_line(tmp_path, line, words):
     path = tmp_path / "v.jsonl"
@@ -114,6 +119,23 @@ def test_empty_missing_and_too_many(tmp_path):
         load_conversations(tmp_path / "absent.jsonl", role="validation file")
     with pytest.raises(DataError, match="more than 2 examples"):
         load_conversations(write_jsonl(tmp_path / "m.jsonl", [chat("a", "b")] * 3), max_examples=2)
+
+
+def test_lines_and_files_are_bounded(tmp_path):
+    """Guards: the file is read line by line, a line over MAX_LINE_BYTES is refused by number without being
+    held in memory, and a file over `max_bytes` is refused. Failed before issue 12's fix (no bounds: the whole
+    file was read at once)."""
+    path = tmp_path / "t.jsonl"
+    with path.open("wb") as out:
+        out.write(json.dumps(chat("a", "b")).encode() + b"\n")
+        out.write(b'{"messages": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}\n')
+        out.write(json.dumps(chat("c", "d")).encode() + b"\n")
+    with pytest.raises(DataError, match=f"^training file line 2: longer than {MAX_LINE_BYTES} bytes$"):
+        load_conversations(path)
+    small = write_jsonl(tmp_path / "s.jsonl", [chat("a", "b")] * 3)
+    assert count_conversations(small) == 3
+    with pytest.raises(DataError, match="larger than 100 bytes"):
+        count_conversations(small, max_bytes=100)
 
 
 # --- tokens and labels -----------------------------------------------------------------------------------------------

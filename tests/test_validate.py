@@ -212,3 +212,123 @@ def test_earlier_checks_still_hold(tmp_path, base):
     refused(pickled, base, "pickle")
     ints = write_adapter(tmp_path / "e", dtype=np.int32)
     refused(ints, base, "must be floats")
+
+
+# Byte ranges of the weights and the numbers of the config (issue 12, item 7)
+
+def rewrite_safetensors(folder: Path, edit) -> Path:
+    """Re-write the adapter's safetensors file with its header passed through `edit(header) -> header`
+    (the data bytes are kept; `edit` may also return `(header, data)` to change them)."""
+    import json
+    import struct
+
+    path = folder / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    edited = edit(header)
+    header, data = edited if isinstance(edited, tuple) else (edited, data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return folder
+
+
+def two_tensors(header: dict) -> tuple[dict, dict]:
+    """The first two tensors in file order (their data_offsets ascending)."""
+    named = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return header[named[0]], header[named[1]]
+
+
+def test_overlapping_byte_ranges_are_refused(tmp_path, base):
+    """Two tensors reading the same bytes (the second's range moved onto the first's, the file padded
+    to keep its length): every range was checked only against the file's end, so it passed. Failed
+    before the fix."""
+    def overlap(header):
+        first, second = two_tensors(header)
+        second["data_offsets"] = list(first["data_offsets"])
+        return header
+
+    refused(rewrite_safetensors(write_adapter(tmp_path / "a"), overlap), base, "overlap")
+
+
+def test_a_gap_between_tensors_is_refused(tmp_path, base):
+    """Bytes that no tensor covers, in the middle of the data. Failed before the fix."""
+    def gap(header):
+        first, _ = two_tensors(header)
+        for info in header.values():
+            if isinstance(info, dict) and "data_offsets" in info and info is not first:
+                info["data_offsets"] = [o + 8 for o in info["data_offsets"]]
+        return header
+
+    folder = write_adapter(tmp_path / "a")
+    path = folder / "adapter_model.safetensors"
+    rewrite_safetensors(folder, gap)
+    path.write_bytes(path.read_bytes() + bytes(8))  # the data grew by the gap
+    refused(folder, base, "gap")
+
+
+def test_a_range_shorter_than_shape_times_dtype_is_refused(tmp_path, base):
+    """A tensor whose byte range is not its shape times its dtype's size (here F16 over F32 bytes: half
+    the bytes would be read as garbage or the rest ignored). Failed before the fix."""
+    def retype(header):
+        first, _ = two_tensors(header)
+        first["dtype"] = "F16"
+        return header
+
+    refused(rewrite_safetensors(write_adapter(tmp_path / "a"), retype), base, "bytes")
+
+
+def test_the_ranges_must_cover_the_data_exactly(tmp_path, base):
+    """Trailing bytes after the last tensor are still refused, and so is a range starting past 0."""
+    folder = write_adapter(tmp_path / "a")
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes() + bytes(8))
+    refused(folder, base, "trailing")
+
+    def shift_all(header):
+        for info in header.values():
+            if isinstance(info, dict) and "data_offsets" in info:
+                info["data_offsets"] = [o + 4 for o in info["data_offsets"]]
+        return header
+
+    folder = write_adapter(tmp_path / "b")
+    rewrite_safetensors(folder, shift_all)
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes() + bytes(4))
+    refused(folder, base, "gap")
+
+
+def test_an_unknown_dtype_is_refused(tmp_path, base):
+    def unknown(header):
+        first, _ = two_tensors(header)
+        first["dtype"] = "F128"
+        return header
+
+    refused(rewrite_safetensors(write_adapter(tmp_path / "a"), unknown), base, "F128")
+
+
+def test_real_safetensors_files_pass_the_range_checks(tmp_path, base):
+    """Files written by the safetensors library, every float dtype, and the fake base's sparse files."""
+    for dtype in (np.float16, np.float32, np.float64):
+        assert validate_adapter_dir(write_adapter(tmp_path / str(np.dtype(dtype)), dtype=dtype), base)
+    assert base.linear_shapes
+
+
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity", "-Infinity", "1e999", "0", "-8"])
+def test_lora_alpha_must_be_finite_and_positive(tmp_path, base, alpha):
+    """Python's json reads NaN and Infinity (and 1e999 as inf); a NaN or infinite scale makes every
+    output NaN. Failed before the fix (any number passed)."""
+    folder = write_adapter(tmp_path / "a")
+    text = (folder / "adapter_config.json").read_text()
+    (folder / "adapter_config.json").write_text(text.replace('"lora_alpha": 4', f'"lora_alpha": {alpha}'))
+    refused(folder, base, "lora_alpha", "finite positive")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e999"])
+def test_alpha_pattern_values_must_be_finite(tmp_path, base, value):
+    """`alpha_pattern` refused NaN (NaN > 0 is false) but took Infinity. Failed before the fix."""
+    folder = write_adapter(tmp_path / "a")
+    text = (folder / "adapter_config.json").read_text()
+    (folder / "adapter_config.json").write_text(text[:-1] + f', "alpha_pattern": {{"v_proj": {value}}}}}')
+    refused(folder, base, "alpha_pattern", "finite positive")

@@ -8,11 +8,13 @@ file's role and its 1-based line number, because the tenant fixes the file, not 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label PyTorch's cross-entropy skips
+MAX_LINE_BYTES = 4 << 20  # one conversation: far more than max_seq_len tokens of text, even escaped
 MAX_PROBLEMS = 5  # enough to fix a file in one go without flooding the tenant with a broken file's every line
 
 
@@ -44,34 +46,77 @@ class _BadLine(Exception):
     """One line's problem, collected into a DataError."""
 
 
-def load_conversations(path: Path, *, role: str = "training file", max_examples: int = 50_000) -> list[list[dict]]:
+def load_conversations(path: Path, *, role: str = "training file", max_examples: int = 50_000,
+                       max_bytes: int | None = None) -> list[list[dict]]:
     """The file's conversations (each a `Conversation`, i.e. a list of message dicts with a `.line`).
 
     Raises DataError naming up to MAX_PROBLEMS bad lines, or saying that the file is empty or too big."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"the {role} cannot be read: {exc.strerror or exc}") from exc
-    conversations: list[list[dict]] = []
+    return list(_conversations(path, role, max_examples, max_bytes))
+
+
+def count_conversations(path: Path, *, role: str = "training file", max_examples: int = 50_000,
+                        max_bytes: int | None = None) -> int:
+    """Check the file as `load_conversations` does, keeping only one line in memory; the number of examples."""
+    return sum(1 for _ in _conversations(path, role, max_examples, max_bytes))
+
+
+def _conversations(path: Path, role: str, max_examples: int, max_bytes: int | None):
+    """The file's conversations one by one, read line by line (memory: one line, at most MAX_LINE_BYTES);
+    the DataError, if any, once the file is read."""
     problems: list[tuple[int, str]] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue  # blank lines (a trailing newline, spacing) are harmless
-        try:
-            conversations.append(Conversation(_parse_line(line), number))
-        except _BadLine as bad:
-            problems.append((number, str(bad)))
-            if len(problems) == MAX_PROBLEMS:
-                break
-        if len(conversations) > max_examples:
-            raise DataError(f"the {role} has more than {max_examples} examples; split it or use fewer")
+    count = 0
+    try:
+        with Path(path).open("rb") as file:
+            for number, line in _lines(file, role, max_bytes):
+                if line is None:
+                    problems.append((number, f"longer than {MAX_LINE_BYTES} bytes"))
+                elif not line.strip():
+                    continue  # blank lines (a trailing newline, spacing) are harmless
+                else:
+                    try:
+                        conversation = Conversation(_parse_line(line), number)
+                    except _BadLine as bad:
+                        problems.append((number, str(bad)))
+                    else:
+                        count += 1
+                        if count > max_examples:
+                            raise DataError(f"the {role} has more than {max_examples} examples; split it or use fewer")
+                        if not problems:  # once a line is bad the file is refused: nothing more to hand out
+                            yield conversation
+                if len(problems) == MAX_PROBLEMS:
+                    break
+    except OSError as exc:
+        raise DataError(f"the {role} cannot be read: {exc.strerror or type(exc).__name__}") from exc
     if problems:
         listed = "; ".join(f"line {number}: {problem}" for number, problem in problems)
         more = f"; (stopped at the first {MAX_PROBLEMS} problems)" if len(problems) == MAX_PROBLEMS else ""
         raise DataError(f"{role} {listed}{more}", [number for number, _ in problems])
-    if not conversations:
+    if not count:
         raise DataError(f"the {role} is empty")
-    return conversations
+
+
+def _lines(file, role: str, max_bytes: int | None):
+    """(number, line) for each line of a binary file; line None when it is longer than MAX_LINE_BYTES (the rest
+    of it is skipped unread into memory). DataError once more than `max_bytes` were read."""
+    read = 0
+    for number in itertools.count(1):
+        line = file.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        read += len(line)
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := file.readline(1 << 20)) and not rest.endswith(b"\n"):
+                read += len(rest)
+                _check_size(read, role, max_bytes)
+            read += len(rest)
+            line = None
+        _check_size(read, role, max_bytes)
+        yield number, line
+
+
+def _check_size(read: int, role: str, max_bytes: int | None) -> None:
+    if max_bytes is not None and read > max_bytes:
+        raise DataError(f"the {role} is larger than {max_bytes} bytes, the most this server trains on")
 
 
 def _parse_line(line: bytes) -> list[dict]:
@@ -80,7 +125,9 @@ def _parse_line(line: bytes) -> list[dict]:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
         raise _BadLine("not valid UTF-8") from None
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise _BadLine("not valid JSON: nested too deeply") from None
+    except ValueError:  # JSONDecodeError, and numbers with more digits than Python converts
         raise _BadLine("not valid JSON") from None
     if not isinstance(record, dict) or "messages" not in record:
         raise _BadLine('must be a JSON object with a "messages" list')

@@ -131,7 +131,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     if config.output_dir.exists() and any(config.output_dir.iterdir()):
-        raise ValueError(f"output_dir {config.output_dir} is not empty")
+        raise ValueError("output_dir is not empty")
 
     # 1. The data, checked in full before anything heavy: a bad file should fail in seconds.
     train_conversations = load_conversations(config.train_file, role="training file")
@@ -139,7 +139,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
                                 if config.validation_file else None)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model, local_files_only=True)
     if not tokenizer.chat_template:
-        raise ValueError(f"the base model {config.base_model} has no chat template to render conversations with")
+        raise ValueError("the base model has no chat template to render conversations with")
     train = tokenize_all(tokenizer, train_conversations, config.max_seq_len, "training file")
     split, validation = "training", train
     if validation_conversations:
@@ -154,7 +154,8 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     # 2. The base model in float32, wrapped with fresh LoRA matrices: B starts at zero, A at random (drawn on the
     # CPU, so the same seed gives the same start on any device). On a GPU the weights stay float32 and the matrix
     # work runs under bfloat16 autocast (`token_loss`): the saved adapter is float32 either way.
-    emit("loading", f"Loading the base model from {config.base_model} (training on {_device_name(device)})",
+    # Messages name no file path: they are shown to the tenant whose job this is, and the paths are the server's.
+    emit("loading", f"Loading the base model (training on {_device_name(device)})",
          device=device.type, device_name=_device_name(device))
     model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32, local_files_only=True)
     torch.manual_seed(config.seed)
@@ -231,7 +232,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
               "general": {"base_loss": base_general, "adapter_loss": adapter_general},
               "seconds": round(time.monotonic() - started, 2), "train_seconds": round(train_seconds, 3),
               "device": device.type, "device_name": _device_name(device)}
-    emit("done", f"Adapter saved to {config.output_dir} after {step} steps in {result['seconds']:.0f} s", **result)
+    emit("done", f"Adapter saved after {step} steps in {result['seconds']:.0f} s", **result)
     return result
 
 

@@ -5,20 +5,40 @@ an OpenAI request (whole or streamed). Transport failures become `EngineUnavaila
 mean the engine is gone (no connection, or the connection dropped before an answer) `EngineUnreachable`,
 which the caller may retry on another engine. The engine's own answers are returned to the caller, who
 decides what a client may see of them.
+
+Timeouts differ by kind of request, because silence means different things:
+- a stream sends tokens as they come, so `read_timeout` seconds without a byte means the engine stalled;
+- a non-streamed request (a completion, an adapter load) sends nothing until it is done, so silence
+  says nothing: it is bounded by `request_timeout` in total and by the engine's liveness, its `/health`
+  answering within `read_timeout` (probed every `liveness_interval` seconds while requests wait; one
+  probe at a time is shared by all of them).
+
+A keep-alive connection the engine closed while it sat in the pool fails the next request on it before
+any byte comes back; such a request is sent once more (httpx does not say whether the connection was
+reused, and when the engine is really gone the second try fails to connect at once).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 
 import httpx
 
 from server.errors import EngineUnavailable, EngineUnreachable
 
+log = logging.getLogger("loraserve.engine")
+
 _ALREADY_LOADED = "has already been loaded"
 # Failures that mean no answer is coming from this engine (as opposed to a slow answer).
 _GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# What a stale keep-alive connection looks like when a request is sent on it: worth one more try.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+LIVENESS_INTERVAL = 5.0
 
 
 @dataclass
@@ -38,57 +58,114 @@ class AdapterLoadFailed(Exception):
 
 class EngineClient:
     def __init__(
-        self, base_url: str, *, read_timeout: float = 300.0, transport: httpx.AsyncBaseTransport | None = None
+        self, base_url: str, *, read_timeout: float = 300.0, request_timeout: float = 600.0,
+        liveness_interval: float = LIVENESS_INTERVAL, transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
-        timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=30.0, pool=30.0)
+        self.read_timeout, self.request_timeout = read_timeout, request_timeout
+        self.liveness_interval = liveness_interval
+        self._stream_timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=30.0, pool=30.0)
+        self._whole_timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)  # see `_whole`
         # No connection cap: the engine does its own scheduling, and the gateway bounds concurrency.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=self._stream_timeout, limits=limits, transport=transport
+        )
+        self._probe: asyncio.Future[bool] | None = None
+        self._probe_started = 0.0
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def healthy(self) -> bool:
+    async def healthy(self, timeout: float = 5.0) -> bool:
         try:
-            response = await self._http.get("/health", timeout=5.0)
+            response = await self._http.get("/health", timeout=timeout)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter under `name`; loading a name that is already there is a success."""
-        reply = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        reply = await self._whole("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         if reply.status == 200 or (reply.status == 400 and _ALREADY_LOADED.encode() in reply.body):
             return
         raise AdapterLoadFailed(reply.status, _error_message(reply))
 
     async def unload_adapter(self, name: str) -> bool:
         """Unload an adapter; False when the engine did not have it."""
-        reply = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        reply = await self._whole("/v1/unload_lora_adapter", {"lora_name": name})
         if reply.status in (200, 404):
             return reply.status == 200
         raise AdapterLoadFailed(reply.status, _error_message(reply))
 
     async def complete(self, path: str, payload: dict) -> EngineReply:
-        return await self._post(path, payload)
+        """A non-streamed request; cancelling the call closes its connection, which aborts it on vLLM."""
+        return await self._whole(path, payload)
 
     async def open_stream(self, path: str, payload: dict) -> httpx.Response:
         """An open streaming response; the caller must `aclose()` it. Closing it early drops the
         connection, which makes vLLM abort the request: that is how a client's disconnect reaches
         the engine."""
-        request = self._http.build_request("POST", path, json=payload)
-        try:
-            return await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc) from exc
+        return await self._send(path, payload, self._stream_timeout)
 
-    async def _post(self, path: str, payload: dict) -> EngineReply:
+    async def _whole(self, path: str, payload: dict) -> EngineReply:
+        """POST and read the whole answer, bounded by total time and the engine's liveness."""
+        work = asyncio.ensure_future(self._read_whole(path, payload))
         try:
-            response = await self._http.post(path, json=payload)
+            async with asyncio.timeout(self.request_timeout):
+                while True:
+                    done, _ = await asyncio.wait({work}, timeout=self.liveness_interval)
+                    if not done:
+                        probe = self._liveness_probe()
+                        await asyncio.wait({work, probe}, return_when=asyncio.FIRST_COMPLETED)
+                        if not work.done() and not probe.result():
+                            log.warning("engine %s stopped answering its health check", self.base_url)
+                            raise EngineUnavailable("The inference engine did not answer in time.")
+                    if work.done():
+                        return work.result()
+        except TimeoutError:
+            raise EngineUnavailable("The inference engine did not answer in time.") from None
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EngineUnavailable):
+                    await work
+
+    async def _read_whole(self, path: str, payload: dict) -> EngineReply:
+        response = await self._send(path, payload, self._whole_timeout)
+        try:
+            body = await response.aread()
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
-        return EngineReply(response.status_code, response.content)
+        finally:
+            await response.aclose()
+        return EngineReply(response.status_code, body)
+
+    async def _send(self, path: str, payload: dict, timeout: httpx.Timeout) -> httpx.Response:
+        """Send a POST and return once the response's headers are in (its body still to read)."""
+        for attempt in (1, 2):
+            request = self._http.build_request("POST", path, json=payload, timeout=timeout)
+            try:
+                return await self._http.send(request, stream=True)
+            except _STALE as exc:
+                if attempt == 2:
+                    raise _transport_error(exc) from exc
+                log.info("engine %s dropped a connection before answering (%s); sending again",
+                         self.base_url, type(exc).__name__)
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    def _liveness_probe(self) -> asyncio.Future[bool]:
+        """Whether the engine's /health answers within `read_timeout`: one probe per interval at most,
+        shared by every request waiting (never cancelled by one of them)."""
+        now, loop = time.monotonic(), asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or probe.get_loop() is not loop or (
+                probe.done() and now - self._probe_started >= self.liveness_interval):
+            self._probe_started = now
+            self._probe = probe = loop.create_task(self.healthy(timeout=self.read_timeout))
+        return probe
 
 
 def _transport_error(exc: httpx.HTTPError) -> EngineUnavailable:

@@ -6,14 +6,20 @@ that already holds the adapter and has capacity (fewer than `capacity` requests 
 least busy engine, which then loads it: an adapter stays where it was first loaded, so each engine
 batches few distinct adapters and loads each once. `round_robin` ignores adapters (the baseline).
 
-Only engines in rotation are chosen: one leaves rotation when its health check or a connection to it
-fails, and returns when a health check passes (`watch` checks every few seconds). What an engine holds
-is remembered here; the memory is dropped when it leaves rotation or restarts, and an engine that says
-it does not know a name we thought loaded is believed (see `forget`).
+Only engines in rotation are chosen: one leaves rotation when its health check fails, or after
+`max_failures` consecutive failed connections (`failed`; a passing check or load resets the count: one
+dropped socket must not take the only engine away from everyone), and returns when a health check passes
+(`watch` checks every few seconds). What an engine holds is remembered here; the memory is dropped when
+it leaves rotation or restarts, and an engine that says it does not know a name we thought loaded is
+believed (see `forget`).
 
 A version that stops being served (another was activated, or it was deleted) is *retired*: unloaded
 from each engine as soon as no request is running on it there, so running requests finish on the
-weights they started with.
+weights they started with. Retirement survives the engine leaving rotation (the unload is sent when it
+returns) and a request starting on the version meanwhile (the unload waits for it); only `preload` (the
+version is served again) cancels it. A *deleted* version (`discard`) also keeps its files until no
+engine holds it: vLLM re-reads an adapter's folder whenever it evicts it from its CPU cache, so running
+requests need them; they are removed after the last unload.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import itertools
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,14 +50,18 @@ class PoolObserver:
     def unloaded(self, engine: str) -> None:
         pass
 
+    async def verdict(self, engine_model: str, loaded: bool) -> None:
+        """An engine's first load of `engine_model` succeeded or was refused (the version's verification)."""
+
 
 @dataclass
 class EngineSlot:
     client: EngineClient
     loaded: set[str] = field(default_factory=set)
     running: Counter[str] = field(default_factory=Counter)  # requests in flight, by engine model name
-    retiring: set[str] = field(default_factory=set)
-    up: bool = False  # in rotation: the last health check passed and no connection failed since
+    retiring: set[str] = field(default_factory=set)  # to unload once idle; kept while out of rotation
+    up: bool = False  # in rotation: the last health check passed and connections have not kept failing since
+    failures: int = 0  # consecutive failed connections since the last passing health check or load
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     @property
@@ -62,18 +72,21 @@ class EngineSlot:
 class EnginePool:
     def __init__(
         self, clients: list[EngineClient], observer: PoolObserver | None = None, *,
-        routing: Routing = "affinity", capacity: int = 64,
+        routing: Routing = "affinity", capacity: int = 64, max_failures: int = 3,
     ):
         if not clients:
             raise ValueError("at least one engine is needed")
         self.slots = [EngineSlot(c) for c in clients]
         self.observer = observer or PoolObserver()
-        self.routing, self.capacity = routing, capacity
+        self.routing, self.capacity, self.max_failures = routing, capacity, max_failures
         # (engine name, path) of the adapter that base-model requests are served through; None: the base
         # model itself (see `adapters.zero`).
         self.base_stand_in: tuple[str, str] | None = None
         self._turn = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        # Deleted versions whose files wait for the last engine to unload them: name -> removes the files.
+        self._deleted: dict[str, Callable[[], None]] = {}
+        self._removing: dict[str, asyncio.Task] = {}
 
     async def aclose(self) -> None:
         for slot in self.slots:
@@ -83,11 +96,15 @@ class EnginePool:
         """Check every engine now, and put each in or out of rotation; True when any is up."""
         results = await asyncio.gather(*(s.client.healthy() for s in self.slots))
         for slot, up in zip(self.slots, results, strict=True):
+            if up:
+                slot.failures = 0
             if up and not slot.up:
                 slot.loaded.clear()  # it may have restarted meanwhile: reload (a no-op if it still holds it)
-                slot.retiring.clear()
                 slot.up = True
                 log.info("engine %s is in rotation", slot.client.base_url)
+                for name in list(slot.retiring):  # retired while it was out (404 if it restarted: fine)
+                    if not slot.running[name]:
+                        self._spawn(self._unload(slot, name))
             elif slot.up and not up:
                 self.mark_down(slot)
         return any(results)
@@ -102,12 +119,24 @@ class EnginePool:
             await asyncio.sleep(interval)
 
     def mark_down(self, slot: EngineSlot) -> None:
-        """Out of rotation until a health check passes; what it held is forgotten."""
+        """Out of rotation until a health check passes; what it held is forgotten, but not what is to be
+        unloaded from it (`retiring`), which is sent when it returns."""
         if slot.up:
             log.warning("engine %s is out of rotation", slot.client.base_url)
         slot.up = False
-        slot.loaded.clear()
-        slot.retiring.clear()
+        slot.failures = 0
+        forgotten, slot.loaded = slot.loaded, set()
+        for name in forgotten:
+            self._settle(name)
+
+    def failed(self, slot: EngineSlot) -> None:
+        """A connection to this engine failed: out of rotation after `max_failures` in a row."""
+        slot.failures += 1
+        if slot.failures >= self.max_failures:
+            self.mark_down(slot)
+        else:
+            log.warning("engine %s: connection failed (%d of %d before it leaves rotation)",
+                        slot.client.base_url, slot.failures, self.max_failures)
 
     def forget(self, slot: EngineSlot, engine_model: str) -> None:
         slot.loaded.discard(engine_model)
@@ -117,8 +146,8 @@ class EnginePool:
     ) -> tuple[EngineSlot, float]:
         """An engine ready to serve `engine_model`, counted busy with it until `release`, and the
         seconds this call spent loading the adapter there (0 when it was loaded already). Engines in
-        `avoid` (already tried for this request) are skipped; an unreachable one is marked down and
-        the next is tried."""
+        `avoid` (already tried for this request) are skipped; an unreachable one counts a failure
+        (`failed`) and the next is tried."""
         avoid = set(map(id, avoid))
         while True:
             slot = self._choose(engine_model, avoid)
@@ -128,20 +157,23 @@ class EnginePool:
                 if adapter_path is not None:
                     load_seconds = await self._ensure_loaded(slot, engine_model, adapter_path)
             except EngineUnreachable:
-                self._unreserve(slot, engine_model)
-                self.mark_down(slot)
-                avoid.add(id(slot))
+                self.release(slot, engine_model)
+                self.failed(slot)
+                avoid.add(id(slot))  # this request tries the next engine; others may still use this one
                 continue
             except BaseException:
-                self._unreserve(slot, engine_model)
+                self.release(slot, engine_model)
                 raise
-            slot.retiring.discard(engine_model)  # asked for again (NAME@N): keep it
             return slot, load_seconds
 
     def release(self, slot: EngineSlot, engine_model: str) -> None:
         self._unreserve(slot, engine_model)
-        if not slot.running[engine_model] and engine_model in slot.retiring:
+        if slot.running[engine_model]:
+            return
+        if engine_model in slot.retiring and slot.up:
             self._spawn(self._unload(slot, engine_model))
+        else:
+            self._settle(engine_model)
 
     @staticmethod
     def _unreserve(slot: EngineSlot, engine_model: str) -> None:
@@ -150,20 +182,59 @@ class EnginePool:
             del slot.running[engine_model]
 
     async def preload(self, engine_model: str, adapter_path: str) -> None:
-        """Load a version before its first request, on the engine that would serve it."""
+        """Load a version before its first request, on the engine that would serve it. The version is
+        served (again): its retirement, if any, is called off."""
+        if engine_model not in self._deleted:
+            for slot in self.slots:
+                slot.retiring.discard(engine_model)
         slot, _ = await self.acquire(engine_model, adapter_path)
         self.release(slot, engine_model)
 
-    def retire(self, engine_models: Iterable[str]) -> None:
-        """Unload these versions everywhere once idle; a name forgotten now is reloaded if asked again."""
+    def retire(self, engine_models: Iterable[str]) -> list[asyncio.Task]:
+        """Unload these versions everywhere once idle (now where idle: the unloads started are returned);
+        a name unloaded is loaded again if asked for again. Engines out of rotation unload on return."""
+        started = []
         for name in engine_models:
             for slot in self.slots:
-                if name not in slot.loaded:
+                if slot.up and name not in slot.loaded and not slot.running[name]:
                     continue
-                if slot.running[name]:
-                    slot.retiring.add(name)
-                else:
-                    self._spawn(self._unload(slot, name))
+                slot.retiring.add(name)
+                if slot.up and not slot.running[name]:
+                    started.append(self._spawn(self._unload(slot, name)))
+        return started
+
+    async def discard(self, engine_model: str, remove: Callable[[], None]) -> None:
+        """A deleted version: retire it, and call `remove` (in a thread; it deletes the files) once no
+        engine holds it. Returns when that is done, or, while requests still run on it, at once: the
+        rest happens when the last one ends."""
+        self._deleted[engine_model] = remove
+        unloads = self.retire([engine_model])
+        if unloads:
+            await asyncio.wait(unloads)
+        self._settle(engine_model)
+        removing = self._removing.get(engine_model)
+        if removing is not None:
+            await asyncio.wait([removing])
+
+    def _holds(self, name: str) -> bool:
+        return any(name in s.loaded or s.running[name] for s in self.slots)
+
+    def _settle(self, name: str) -> None:
+        """Remove a deleted version's files once no engine holds it (a down engine serves nothing from them,
+        and unloads it when it returns)."""
+        if name not in self._deleted or self._holds(name):
+            return
+        remove = self._deleted.pop(name)
+        self._removing[name] = self._spawn(self._remove(name, remove))
+
+    async def _remove(self, name: str, remove: Callable[[], None]) -> None:
+        try:
+            await asyncio.to_thread(remove)
+            log.info("removed the files of deleted adapter %s", name)
+        except Exception:  # the start-up sweep of the registry gets them later
+            log.exception("could not remove the files of deleted adapter %s", name)
+        finally:
+            self._removing.pop(name, None)
 
     def _choose(self, engine_model: str, avoid: set[int]) -> EngineSlot:
         candidates = [s for s in self.slots if id(s) not in avoid]
@@ -193,27 +264,37 @@ class EnginePool:
                 # The registry validated this adapter, so a refusal here is the server's fault; the
                 # engine's message may carry paths, so it goes to the log, not the client.
                 log.error("engine refused adapter %s: %s (%s)", name, exc, exc.status)
+                await self.observer.verdict(name, False)
                 raise EngineUnavailable("The adapter could not be loaded on the inference engine.") from exc
             slot.loaded.add(name)
+            slot.failures = 0
             seconds = time.perf_counter() - started
             self.observer.loaded(slot.client.base_url, seconds)
+            await self.observer.verdict(name, True)
             log.info("loaded adapter %s on %s in %.3f s", name, slot.client.base_url, seconds)
             return seconds
 
     async def _unload(self, slot: EngineSlot, name: str) -> None:
         async with slot.locks[name]:
-            if slot.running[name] or name not in slot.loaded:
-                return  # picked up again meanwhile, or already gone
-            slot.retiring.discard(name)
+            # Not retiring: served again (`preload`). Busy again: `release` retries it when the last
+            # request ends. Out of rotation: `healthy` retries it when the engine returns.
+            if name not in slot.retiring or slot.running[name] or not slot.up:
+                return
             slot.loaded.discard(name)
             try:
-                await slot.client.unload_adapter(name)
-                self.observer.unloaded(slot.client.base_url)
-                log.info("unloaded adapter %s from %s", name, slot.client.base_url)
-            except Exception as exc:  # the engine may be down; a restart clears it anyway
+                if await slot.client.unload_adapter(name):
+                    self.observer.unloaded(slot.client.base_url)
+                    log.info("unloaded adapter %s from %s", name, slot.client.base_url)
+                slot.retiring.discard(name)
+            except EngineUnavailable as exc:  # kept retiring: tried again on its next release or return
                 log.warning("could not unload adapter %s from %s: %s", name, slot.client.base_url, exc)
+            except AdapterLoadFailed as exc:  # the engine refused: nothing to retry
+                slot.retiring.discard(name)
+                log.warning("engine %s refused to unload %s: %s", slot.client.base_url, name, exc)
+        self._settle(name)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # keep a reference until done, or the task may be collected
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -28,8 +28,8 @@ from server.protocol import (
     VersionOut,
 )
 from server.services import Services
-from server.store import AdapterView, KeyIdentity, Missing
-from server.uploads import staged_upload
+from server.store import AdapterView, KeyIdentity, Missing, OverQuota
+from server.uploads import quota_error, staged_upload
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -87,7 +87,10 @@ async def update_tenant(tenant: str, body: TenantUpdate, admin: AdminDep, servic
 @router.delete("/tenants/{tenant}", status_code=204)
 async def delete_tenant(tenant: str, admin: AdminDep, services: ServicesDep) -> None:
     async with audited(services, admin, "tenant.delete", tenant):
-        await lifecycle.delete_tenant(services, check_name(tenant, "tenant"))
+        # Its jobs are cancelled first: none is claimed meanwhile, and a running one's worker stops it
+        # (a worker also copes when the job's row vanishes with the tenant).
+        await run_in_threadpool(services.jobs.cancel_tenant_jobs, check_name(tenant, "tenant"))
+        await lifecycle.delete_tenant(services, tenant)
 
 
 # Keys
@@ -152,7 +155,10 @@ async def upload_adapter(
         try:
             await run_in_threadpool(services.store.require_tenant, tenant)
             with staged_upload(services.settings, services.registry.staging, archive, files) as folder:
-                await lifecycle.publish(services, folder, tenant, name, origin="upload")
+                try:
+                    await lifecycle.publish(services, folder, tenant, name, origin="upload")
+                except OverQuota as exc:
+                    raise quota_error(exc) from exc
         except Exception as exc:
             error = as_api_error(exc)
             services.metrics.upload(False, (error.code or error.reason) if error else "internal")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from server.deps import ServicesDep
+from server.deps import ServicesDep, metrics_reader
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -33,10 +33,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_reader)])
 async def metrics(services: ServicesDep) -> Response:
-    """Prometheus text format. Engine health is checked now, so `loraserve_engine_up` is current."""
-    await services.pool.healthy()
+    """Prometheus text format, for the metrics token or an admin key only (it names every tenant).
+    `loraserve_engine_up` is what the pool's background health check last saw: a scrape sends nothing
+    to the engines, so scraping (or being refused) never fans out to them."""
     body = await run_in_threadpool(services.metrics.render)
     return Response(body, media_type=CONTENT_TYPE)
 

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from server.bounds import check_request_bounds
+from server.budget import plan_cost
 from server.db import epoch
 from server.deps import ServicesDep, TenantDep
 from server.errors import BadRequest, as_api_error
@@ -51,20 +53,33 @@ async def _generate(
 ) -> Response:
     started = getattr(request.state, "started", None) or time.perf_counter()
     recorder = RequestRecorder(services.metrics, started, tenant.id, endpoint)
-    request.state.recorder = recorder  # the access log reads tenant, adapter and tokens from it
+    request.state.recorder = recorder  # the access log reads tenant, adapter, tokens and status from it
     try:
+        check_request_bounds(services.settings, body)
         limits = {"max_concurrent_requests": services.settings.tenant_max_concurrent_requests, **(tenant.limits or {})}
-        recorder.on_finish = services.limiter.admit(tenant.id, limits).release
         _apply_max_tokens(body, limits.get("max_tokens"))
+        cost = plan_cost(body, context_window=services.settings.engine_max_model_len,
+                         token_budget=limits.get("tokens_per_minute"))
+        recorder.prompt_estimate = cost.prompt_tokens
+        ticket = services.limiter.admit(tenant.id, limits, sequences=cost.sequences, tokens=cost.reserved_tokens)
+        recorder.on_finish = ticket.release
         route = await run_in_threadpool(
             resolve_model, services.settings, services.store, services.registry, tenant, body.model
         )
         recorder.adapter = route.adapter or "base"
-        return await forward(services.pool, route, endpoint, body, recorder)
+        return await forward(services.pool, route, endpoint, body, recorder,
+                             cache_salt=services.cache_salts.for_tenant(tenant.id),
+                             client_gone=lambda: _disconnected(request))
     except Exception as exc:
         error = as_api_error(exc)
         recorder.finished(error.status if error else 500)
         raise
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _apply_max_tokens(body: GenerationRequest, limit: int | None) -> None:

@@ -1,0 +1,188 @@
+"""The engine client's timeouts and retries on its own, against a small HTTP server on loopback (or
+httpx's mock transport): a long non-streamed request is not a stalled one, a stalled engine still fails
+it, a stream keeps its stall timeout, and a dropped keep-alive connection is retried once.
+
+Every wait is bounded by `asyncio.wait_for(..., GUARD)`, generous, so a regression fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+
+from server.engine.client import EngineClient
+from server.errors import EngineUnavailable, EngineUnreachable
+
+GUARD = 60.0
+BODY = b'{"ok": true}'
+
+
+class SlowEngine:
+    """Answers `POST` after `delay` seconds (None: never), `/health` at once unless `stalled`; a stream
+    sends its headers and one event, then nothing."""
+
+    def __init__(self, delay: float | None, stalled: bool = False):
+        self.delay, self.stalled = delay, stalled
+        self.hang = asyncio.Event()  # never set: a stalled engine's silence
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *headers = head.decode().split("\r\n")
+                length = next((int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length")), 0)
+                body = await reader.readexactly(length)
+                if request_line.startswith("GET /health"):
+                    if self.stalled:
+                        await self.hang.wait()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                elif b'"stream": true' in body or b'"stream":true' in body:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    event = b"data: {}\n\n"
+                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    await writer.drain()
+                    await self.hang.wait()
+                else:
+                    if self.delay is None:
+                        await self.hang.wait()
+                    await asyncio.sleep(self.delay)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, GUARD))
+
+
+def test_a_long_non_streamed_request_outlives_the_read_timeout():
+    """Guards the flake in test_batching (503 'did not answer in time' on a busy machine): a non-streamed
+    request sends no byte until done, so the stall timeout must not cut it. Failed before the fix (the
+    read timeout ended it after 0.3 s); passes now, the engine's /health answering meanwhile."""
+    async def go():
+        async with SlowEngine(delay=1.5) as url:
+            client = EngineClient(url, read_timeout=0.3, liveness_interval=0.1)
+            try:
+                return await client.complete("/v1/completions", {"prompt": "hi"})
+            finally:
+                await client.aclose()
+
+    reply = run(go())
+    assert reply.status == 200 and reply.json() == {"ok": True}
+
+
+def test_a_stalled_engine_fails_a_waiting_non_streamed_request():
+    """The engine stops answering anything (SIGSTOP): the liveness probe times out and the request fails
+    with a 503 long before the total deadline. (Passed before the fix too, by the read timeout.)"""
+    async def go():
+        async with SlowEngine(delay=None, stalled=True) as url:
+            client = EngineClient(url, read_timeout=0.3, request_timeout=3600, liveness_interval=0.1)
+            try:
+                await client.complete("/v1/completions", {"prompt": "hi"})
+            finally:
+                await client.aclose()
+
+    with pytest.raises(EngineUnavailable, match="did not answer in time"):
+        run(go())
+
+
+def test_a_non_streamed_request_has_a_total_deadline():
+    """A live engine that never finishes is cut at `request_timeout`. Failed before the fix (there was no
+    such deadline: the call waited for as long as the read timeout allowed, here an hour)."""
+    async def go():
+        async with SlowEngine(delay=None) as url:
+            client = EngineClient(url, read_timeout=3600, request_timeout=0.5, liveness_interval=0.1)
+            try:
+                await client.complete("/v1/completions", {"prompt": "hi"})
+            finally:
+                await client.aclose()
+
+    with pytest.raises(EngineUnavailable, match="did not answer in time"):
+        run(go())
+
+
+def test_a_stream_keeps_its_stall_timeout():
+    """A stream that stops sending is cut by the read timeout, whatever the liveness (guard; passed before)."""
+    async def go():
+        async with SlowEngine(delay=0) as url:
+            client = EngineClient(url, read_timeout=0.3, request_timeout=3600, liveness_interval=0.1)
+            try:
+                response = await client.open_stream("/v1/completions", {"prompt": "hi", "stream": True})
+                try:
+                    async for _ in response.aiter_lines():
+                        pass
+                finally:
+                    await response.aclose()
+            finally:
+                await client.aclose()
+
+    with pytest.raises(httpx.ReadTimeout):
+        run(go())
+
+
+def dropping_transport(drops: int) -> tuple[httpx.MockTransport, list[str]]:
+    """The first `drops` requests fail as a stale keep-alive connection does; the rest are answered."""
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if len(seen) <= drops:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, content=BODY)
+
+    return httpx.MockTransport(handle), seen
+
+
+@pytest.mark.parametrize("call", ["complete", "open_stream", "load_adapter"])
+def test_a_dropped_keep_alive_connection_is_retried_once(call):
+    """Item 11: a stale pooled connection fails before any byte; the request is sent once more on the same
+    engine instead of failing (which took the engine out of rotation). Failed before the fix (raised
+    EngineUnreachable); passes now."""
+    transport, seen = dropping_transport(drops=1)
+
+    async def go():
+        client = EngineClient("http://engine", transport=transport)
+        try:
+            if call == "load_adapter":
+                return await client.load_adapter("a", "/a")
+            result = await getattr(client, call)("/v1/completions", {"prompt": "hi"})
+            if call == "open_stream":
+                await result.aclose()
+            return result
+        finally:
+            await client.aclose()
+
+    run(go())
+    assert len(seen) == 2
+
+
+def test_a_connection_dropped_twice_means_the_engine_is_gone():
+    """Only one retry: the second drop is reported as unreachable (guard)."""
+    transport, seen = dropping_transport(drops=2)
+
+    async def go():
+        client = EngineClient("http://engine", transport=transport)
+        try:
+            await client.complete("/v1/completions", {"prompt": "hi"})
+        finally:
+            await client.aclose()
+
+    with pytest.raises(EngineUnreachable):
+        run(go())
+    assert len(seen) == 2
