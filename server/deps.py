@@ -1,6 +1,7 @@
 """FastAPI dependencies: the shared services and the calling tenant.
 
-`TenantDep` is a plain function, so FastAPI runs its database look-up in a worker thread.
+`TenantDep` is a plain function, so FastAPI runs its database look-up in a worker thread (when the gate
+before the body, `server.early_auth`, has not found the caller already).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from server.early_auth import AUTHENTICATED
 from server.errors import Forbidden
 from server.jobstore import JobStore
 from server.services import Services
@@ -33,9 +35,13 @@ JobsDep = Annotated[JobStore, Depends(get_jobs)]
 
 def current_tenant(
     services: ServicesDep,
+    request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_tenant_id: Annotated[str | None, Header()] = None,
 ) -> Tenant:
+    found = getattr(request.state, AUTHENTICATED, None)  # by the gate before the body (server.early_auth)
+    if isinstance(found, Tenant):
+        return found
     return authenticate_tenant(services.settings, services.store, authorization, x_tenant_id)
 
 
@@ -43,8 +49,12 @@ TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
 def current_admin(
-    services: ServicesDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+    services: ServicesDep, request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> KeyIdentity:
+    found = getattr(request.state, AUTHENTICATED, None)
+    if isinstance(found, KeyIdentity) and found.is_admin:
+        return found
     return authenticate_admin(services.settings, services.store, authorization)
 
 

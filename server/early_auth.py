@@ -5,8 +5,8 @@ anyone could make the gateway read a 512 MB upload only to be told 401 at the en
 carry a body (POST, PUT, PATCH) to the API (`/v1/...`, `/admin/...`) this middleware checks the
 `Authorization` header first, with the same rules as the routes (`server.tenancy`): no key or an
 unknown key is 401, a tenant's key on `/admin` (or the admin key on `/v1`) is 403. Only then does the
-application see the request. The route's own dependency still authenticates it: this is an early gate,
-not the access rule.
+application see the request. The route's dependency (`server.deps`) reuses what was found here, with the
+same rules, so a request costs one key look-up.
 
 A refused request's body is never read, so the answer says `Connection: close`: the unread bytes must
 not be taken for the next request, and the server reads none of them.
@@ -22,6 +22,7 @@ from server.errors import APIError
 from server.tenancy import authenticate_admin, authenticate_tenant
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+AUTHENTICATED = "authenticated"  # request.state key: the identity this gate found (a Tenant or a KeyIdentity)
 
 
 class AuthBeforeBody:
@@ -36,11 +37,13 @@ class AuthBeforeBody:
                 # The first of repeated headers counts, as in the routes (Starlette's Headers.get).
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
                 try:
-                    await run_in_threadpool(check, services, headers)
+                    identity = await run_in_threadpool(check, services, headers)
                 except APIError as error:
                     services.metrics.rejected(error.reason)
                     await send_error(send, error, close=True)
                     return
+                # The route's dependency takes it from here instead of looking the key up again.
+                scope.setdefault("state", {})[AUTHENTICATED] = identity
         await self.app(scope, receive, send)
 
 
@@ -52,9 +55,10 @@ def _check_for(path: str):
     return None
 
 
-def _admin(services, headers: dict[str, str]) -> None:
-    authenticate_admin(services.settings, services.store, headers.get("authorization"))
+def _admin(services, headers: dict[str, str]):
+    return authenticate_admin(services.settings, services.store, headers.get("authorization"))
 
 
-def _tenant(services, headers: dict[str, str]) -> None:
-    authenticate_tenant(services.settings, services.store, headers.get("authorization"), headers.get("x-tenant-id"))
+def _tenant(services, headers: dict[str, str]):
+    return authenticate_tenant(services.settings, services.store, headers.get("authorization"),
+                               headers.get("x-tenant-id"))

@@ -28,11 +28,11 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server.db import Adapter, Job, JobEvent, StoredFile, Tenant, utcnow
+from server.db import Adapter, AdapterVersion, Job, JobEvent, StoredFile, Tenant, utcnow
 from server.store import ROW_LOCK, Missing, Store, has_nul, storable
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -239,10 +239,20 @@ class JobStore:
                 now = utcnow()
                 if self._move(s, job_id, ("running",), holder, cancel_requested=False, status="succeeded",
                               finished_at=now, **fields):
-                    activated = s.execute(update(Adapter).where(
-                        Adapter.tenant_id == job.tenant_id, Adapter.name == job.suffix).values(active_version=version))
-                    if activated.rowcount != 1:
+                    adapter_id = s.scalar(select(Adapter.id).where(Adapter.tenant_id == job.tenant_id,
+                                                                   Adapter.name == job.suffix))
+                    if adapter_id is None:
                         raise _AdapterGone  # rolls the success back
+                    # As `Store.activate_if_newer`: the version falls back to the one active before it if an
+                    # engine refuses it, and a newer version published meanwhile stays active.
+                    active = select(Adapter.active_version).where(Adapter.id == adapter_id).scalar_subquery()
+                    s.execute(update(AdapterVersion).where(AdapterVersion.adapter_id == adapter_id,
+                                                           AdapterVersion.version == version)
+                              .values(fallback_version=active))
+                    s.execute(update(Adapter).where(
+                        Adapter.id == adapter_id,
+                        or_(Adapter.active_version.is_(None), Adapter.active_version < version),
+                    ).values(active_version=version))
                     s.add(JobEvent(job_id=job_id, message=storable(event)[:2000]))
                     return "succeeded"
                 if self._move(s, job_id, ("running",), holder, cancel_requested=True, status="cancelled",

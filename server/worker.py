@@ -36,6 +36,7 @@ from server.config import Settings
 from server.db import Job
 from server.jobstore import JobStore
 from server.services import build_registry, build_store
+from server.store import OverQuota
 from server.training import train_config
 
 log = logging.getLogger("loraserve.worker")
@@ -82,6 +83,8 @@ class Worker:
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
             self._train(job, workdir)
+        except OverQuota as exc:  # publishing would pass the tenant's adapter quota; its message says which
+            self._fail(job, "quota_exceeded", f"Nothing was published: {exc}")
         except Exception as exc:
             log.exception("job %s failed in the worker", job.id)
             self._fail(job, "training_failed", f"The job failed: {type(exc).__name__}.")

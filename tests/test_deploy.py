@@ -369,6 +369,7 @@ def test_dockerfile(name):
     if name == "Dockerfile.cpu":
         assert args["TORCH_INDEX_URL"].startswith("https://") and '--extra-index-url "${TORCH_INDEX_URL}"' in run
         assert "pip uninstall -y torchvision torchaudio torchcodec" in run
+        assert "-c constraints.txt '.[cpu,train]'" in run, "the CPU image must install the locked set"
     for copy_args in all_of("COPY"):
         for source in [p for p in copy_args.split() if not p.startswith("--")][:-1]:
             assert (ROOT / source).exists() and not files.dockerignored(source), f"COPY {source}: absent or ignored"

@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Integer, MetaData, String, func, make_url, select
 
-from server.db import AdapterVersion, Base, Job, JobEvent
+from server.db import AdapterVersion, Base, Job, JobEvent, utcnow
 from server.jobstore import JobStore
 from server.migrations import INITIAL, LOCK_KEY, alembic_config, head
 from server.store import Conflict, Missing, Store
@@ -72,16 +72,25 @@ def legacy_tables() -> MetaData:
     legacy.tables["adapter_versions"].c.size_bytes.type = Integer()
     legacy.tables["files"].c.bytes.type = Integer()
     legacy.tables["fine_tuning_jobs"].c.worker_id.type = String(64)
+    versions = legacy.tables["adapter_versions"]
+    for added_by_0003 in ("state", "fallback_version"):
+        versions._columns.remove(versions.c[added_by_0003])
     return legacy
 
 
 @pytest.mark.parametrize("db_url", BACKENDS, indirect=True)
 def test_a_database_made_by_create_all_is_stamped_then_upgraded_with_its_rows(db_url):
     store = Store(db_url)
-    legacy_tables().create_all(store.engine)
+    legacy = legacy_tables()
+    legacy.create_all(store.engine)
     store.create_tenant("acme")
     _, secret = store.create_key("acme")
-    store.add_version("acme", "bot", store.reserve_version("acme", "bot"), rank=8, size_bytes=1234, source="test")
+    version = store.reserve_version("acme", "bot")
+    with store.engine.begin() as conn:  # written as the code of that time did: no columns of later revisions
+        adapter_id = conn.execute(legacy.tables["adapters"].insert().values(
+            tenant_id="acme", name="bot", active_version=version, created_at=utcnow())).inserted_primary_key[0]
+        conn.execute(legacy.tables["adapter_versions"].insert().values(
+            adapter_id=adapter_id, version=version, rank=8, size_bytes=1234, source="test", created_at=utcnow()))
     jobs = JobStore(store)
     job = jobs.create_job(tenant_id="acme", model="m", training_file="file-1", suffix="bot", status="queued")
     jobs.add_event(job.id, "second event")
@@ -90,6 +99,8 @@ def test_a_database_made_by_create_all_is_stamped_then_upgraded_with_its_rows(db
     assert schema_diff(store) == []
     assert store.identify(secret).tenant_id == "acme"
     assert store.get_adapter("acme", "bot").versions == (1,)
+    with store.session() as s:  # served before the state column existed: verified
+        assert s.scalar(select(AdapterVersion.state)) == "verified"
     with store.session() as s:  # SQLite rebuilt fine_tuning_jobs: its events must not have cascaded away
         assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)) == 2
     # the widened columns now take what they are for

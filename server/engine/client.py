@@ -111,20 +111,22 @@ class EngineClient:
     async def _whole(self, path: str, payload: dict) -> EngineReply:
         """POST and read the whole answer, bounded by total time and the engine's liveness."""
         work = asyncio.ensure_future(self._read_whole(path, payload))
+        deadline = time.monotonic() + self.request_timeout
         try:
-            async with asyncio.timeout(self.request_timeout):
-                while True:
-                    done, _ = await asyncio.wait({work}, timeout=self.liveness_interval)
-                    if not done:
-                        probe = self._liveness_probe()
-                        await asyncio.wait({work, probe}, return_when=asyncio.FIRST_COMPLETED)
-                        if not work.done() and not probe.result():
-                            log.warning("engine %s stopped answering its health check", self.base_url)
-                            raise EngineUnavailable("The inference engine did not answer in time.")
-                    if work.done():
-                        return work.result()
-        except TimeoutError:
-            raise EngineUnavailable("The inference engine did not answer in time.") from None
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EngineUnavailable("The inference engine did not answer in time.")
+                await asyncio.wait({work}, timeout=min(self.liveness_interval, remaining))
+                if not work.done() and remaining > self.liveness_interval:
+                    probe = self._liveness_probe()
+                    await asyncio.wait({work, probe}, timeout=deadline - time.monotonic(),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not work.done() and probe.done() and not probe.result():
+                        log.warning("engine %s stopped answering its health check", self.base_url)
+                        raise EngineUnavailable("The inference engine did not answer in time.")
+                if work.done():
+                    return work.result()
         finally:
             if not work.done():
                 work.cancel()
