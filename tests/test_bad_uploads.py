@@ -399,7 +399,7 @@ def test_adapter_quotas_on_upload(gateway, tmp_path):
     Failed before the fix (no quotas)."""
     from adapters.registry import AdapterQuota
 
-    registry, tenant = gateway.services.registry, "quota"
+    registry, tenant = gateway.services.registry, "adapter-quota"
     assert gateway.admin("POST", "/tenants", json={"id": tenant}).status_code == 201
     files = adapter_files(tmp_path / "a")
     size = sum(len(data) for name, data in files.items() if name != "README.md")

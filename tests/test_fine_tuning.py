@@ -221,7 +221,7 @@ def test_tenants_cannot_reach_each_others_files_and_jobs(gateway, worker):
 def test_quotas_on_stored_files_and_active_jobs(gateway, monkeypatch):
     """Guards the per-tenant quotas: files stored (409), their bytes and one file's size (413), jobs in progress
     (429 with Retry-After), each in OpenAI's error shape. Failed before issue 12's fix: there were none."""
-    client = gateway.client(new_tenant(gateway, "quota"))
+    client = gateway.client(new_tenant(gateway, "file-quota"))
     for name, value in {"tenant_max_files": 2, "tenant_max_file_bytes": 3 * len(TRAIN),
                         "tenant_max_active_jobs": 1}.items():
         monkeypatch.setattr(gateway.settings, name, value)
@@ -253,7 +253,7 @@ def test_quotas_on_stored_files_and_active_jobs(gateway, monkeypatch):
                "the first job to end")
     again = client.fine_tuning.jobs.create(model=model, training_file=first.id, suffix="two")  # room again
     client.fine_tuning.jobs.cancel(again.id)
-    assert gateway.admin("DELETE", "/tenants/quota").status_code == 204
+    assert gateway.admin("DELETE", "/tenants/file-quota").status_code == 204
 
 
 def test_deleting_a_tenant_with_a_running_job(gateway, worker):

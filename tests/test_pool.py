@@ -19,6 +19,8 @@ class RecordingClient:
         self.base_url, self.up, self.loads, self.unloads = name, True, [], []
 
     async def healthy(self) -> bool:
+        self.checks = getattr(self, "checks", 0) + 1
+        await asyncio.sleep(0)
         return self.up
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -278,3 +280,21 @@ def test_an_unload_the_engine_missed_is_sent_again_when_it_returns():
 
     asyncio.run(go())
     assert e0.unloads == ["a"]
+
+
+def test_a_flood_of_readiness_checks_makes_few_engine_checks():
+    """Anyone may call /readyz; 100 of them at once (and again right after) share one engine health check
+    each engine. Before, each call health-checked every engine."""
+    pool, (e0, _) = make_pool()
+    before = e0.checks
+
+    async def go():
+        results = await asyncio.gather(*(pool.healthy(reuse=0.25) for _ in range(100)))
+        assert all(results)
+        assert await pool.healthy(reuse=60)  # just done: reused
+        e0.up = False
+        assert await pool.healthy()  # no reuse asked: a fresh check sees e0 gone (e1 is still up)
+
+    asyncio.run(go())
+    assert e0.checks - before == 2
+    assert not pool.slots[0].up

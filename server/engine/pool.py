@@ -83,6 +83,8 @@ class EnginePool:
         # model itself (see `adapters.zero`).
         self.base_stand_in: tuple[str, str] | None = None
         self._turn = itertools.count()
+        self._health: asyncio.Future[bool] | None = None
+        self._health_at = 0.0
         self._tasks: set[asyncio.Task] = set()
         # Deleted versions whose files wait for the last engine to unload them: name -> removes the files.
         self._deleted: dict[str, Callable[[], None]] = {}
@@ -92,8 +94,20 @@ class EnginePool:
         for slot in self.slots:
             await slot.client.aclose()
 
-    async def healthy(self) -> bool:
-        """Check every engine now, and put each in or out of rotation; True when any is up."""
+    async def healthy(self, reuse: float = 0.0) -> bool:
+        """Check every engine now, and put each in or out of rotation; True when any is up. Callers at the
+        same moment share one check, and one that finished less than `reuse` seconds ago stands for a new
+        one: an unauthenticated `/readyz` flood must not become a flood of engine health checks."""
+        shared = self._health
+        if shared is not None and shared.get_loop() is asyncio.get_running_loop() and (
+                not shared.done() or time.monotonic() - self._health_at < reuse):
+            return await asyncio.shield(self._health)
+        self._health = asyncio.ensure_future(self._check_health())
+        self._health_at = float("inf")  # in flight: set when it is done
+        self._health.add_done_callback(lambda _: setattr(self, "_health_at", time.monotonic()))
+        return await asyncio.shield(self._health)
+
+    async def _check_health(self) -> bool:
         results = await asyncio.gather(*(s.client.healthy() for s in self.slots))
         for slot, up in zip(self.slots, results, strict=True):
             if up:

@@ -13,6 +13,8 @@ from server.deps import ServicesDep, metrics_reader
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
+# Anyone may ask /readyz: a flood of it makes at most a few engine health checks a second.
+READY_CHECK_REUSE = 0.25
 
 
 @router.get("/healthz")
@@ -25,7 +27,8 @@ def healthz() -> dict:
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Ready to serve: an engine answers, the database and the registry are usable, not draining."""
     engine, database, registry = await asyncio.gather(
-        services.pool.healthy(), _check(services.store.ping), _check(_registry_writable, services)
+        services.pool.healthy(reuse=READY_CHECK_REUSE), _check(services.store.ping),
+        _check(_registry_writable, services),
     )
     checks = {"engine": engine, "database": database, "registry": registry, "draining": services.draining}
     ready = engine and database and registry and not services.draining
