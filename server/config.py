@@ -58,6 +58,14 @@ class Settings(BaseSettings):
         16, ge=1, description="Concurrent sequences (prompts x n) per tenant when its own limits do not say "
         "(fair sharing).",
     )
+    tenant_contended_concurrency: int | None = Field(
+        2, ge=1, description="Concurrent sequences per tenant while other tenants are active: the rest of its "
+        "requests (up to its own limit) wait for a turn. Every sequence in a CPU engine's batch slows the others; "
+        "raise it on GPUs, where batching is nearly free. Unset: no contended share.",
+    )
+    tenant_queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for its tenant's turn before it is refused (429).",
+    )
     cache_salt_secret: SecretStr | None = Field(
         None, description="Secret the per-tenant prefix-cache salts are derived from; give every gateway that "
         "shares engines the same one. Unset: made once and kept in data_dir/cache-salt.secret.",

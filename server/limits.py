@@ -10,11 +10,15 @@ limit: 429 with `Retry-After`. Gateway-wide: at most `max_in_flight` sequences a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from server.errors import BadRequest, EngineUnavailable, RateLimited
+
+_ACTIVE_WINDOW = 1.0  # seconds a tenant counts as active after its last request ended
 
 
 @dataclass
@@ -53,17 +57,72 @@ class Ticket:
             self.limiter._release(self, self.reserved if tokens is None else tokens)
 
 
+class _OverShare(Exception):
+    """Within the tenant's own limit, but over its share while other tenants are active: wait for a turn."""
+
+
 class Limiter:
-    def __init__(self, max_in_flight: int):
+    def __init__(self, max_in_flight: int, *, contended_share: int | None = None, queue_timeout: float = 30.0):
         self.max_in_flight = max_in_flight
+        self.contended_share, self.queue_timeout = contended_share, queue_timeout
         self.in_flight = 0
         self.running: defaultdict[str, int] = defaultdict(int)
+        self.waiting: defaultdict[str, int] = defaultdict(int)  # sequences queued for their tenant's turn
         self.requests: dict[str, _Bucket] = {}
         self.tokens: dict[str, _Bucket] = {}
+        self._last_active: dict[str, float] = {}
+        self._freed: asyncio.Event | None = None
 
-    def admit(self, tenant: str, limits: dict, *, sequences: int = 1, tokens: int = 0) -> Ticket:
+    async def acquire(self, tenant: str, limits: dict, *, sequences: int = 1, tokens: int = 0) -> Ticket:
+        """`admit`, waiting (up to `queue_timeout` seconds) while the tenant is over its share of a contended
+        engine. On a CPU engine every sequence in the batch slows all the others, so while other tenants are
+        active each tenant runs at most `contended_share` sequences; the rest of its requests (up to its own
+        limit) queue for a turn instead of filling the batch. Alone, a tenant gets its whole limit."""
+        deadline = time.monotonic() + self.queue_timeout
+        queued = False
+        try:
+            while True:
+                try:
+                    return self.admit(tenant, limits, sequences=sequences, tokens=tokens, fair=True)
+                except _OverShare:
+                    remaining = deadline - time.monotonic()
+                    concurrent = limits.get("max_concurrent_requests")
+                    if not queued and concurrent is not None and (
+                            self.running[tenant] + self.waiting[tenant] + sequences > concurrent):
+                        # Waiting requests count against the tenant's own limit too: the queue is bounded.
+                        raise RateLimited(f"More than {concurrent} concurrent sequences for this tenant.",
+                                          retry_after=1) from None
+                    if remaining <= 0:
+                        raise RateLimited(f"This tenant already runs {self.running[tenant]} sequences while other "
+                                          "tenants wait for the engine; try again shortly.", retry_after=1) from None
+                    if not queued:
+                        queued = True
+                        self.waiting[tenant] += sequences
+                    if self._freed is None:
+                        self._freed = asyncio.Event()
+                    with contextlib.suppress(TimeoutError):
+                        # Woken by every release; at least each second, since contention also ends with time.
+                        await asyncio.wait_for(self._freed.wait(), min(remaining, _ACTIVE_WINDOW))
+        finally:
+            if queued:
+                self.waiting[tenant] -= sequences
+
+    def _contended(self, tenant: str) -> bool:
+        """Whether another tenant runs sequences now, or finished some a moment ago (a client sending one
+        request after another is active between them)."""
+        now = time.monotonic()
+        for other, at in list(self._last_active.items()):
+            if self.running[other] > 0 or now - at < _ACTIVE_WINDOW:
+                if other != tenant:
+                    return True
+            else:
+                del self._last_active[other]  # idle: forgotten until its next request
+        return False
+
+    def admit(self, tenant: str, limits: dict, *, sequences: int = 1, tokens: int = 0, fair: bool = False) -> Ticket:
         """Let a request of `sequences` sequences in and reserve `tokens` of the tenant's budget, or raise 429
-        (a tenant limit), 400 (a request that no limit could ever admit) or 503 (the gateway is full)."""
+        (a tenant limit), 400 (a request that no limit could ever admit) or 503 (the gateway is full). With
+        `fair`, `_OverShare` when the tenant is over its contended share (see `acquire`)."""
         concurrent = limits.get("max_concurrent_requests")
         if concurrent is not None:
             if sequences > concurrent:
@@ -71,6 +130,9 @@ class Limiter:
                                  f"tenant's limit of {concurrent}.", param="n", code="too_many_sequences")
             if self.running[tenant] + sequences > concurrent:
                 raise RateLimited(f"More than {concurrent} concurrent sequences for this tenant.", retry_after=1)
+        share = self.contended_share
+        if fair and share is not None and self.running[tenant] + sequences > share and self._contended(tenant):
+            raise _OverShare  # a request wider than the share itself waits for a moment without contention
         rpm = limits.get("requests_per_minute")
         if rpm is not None:
             bucket = self.requests.setdefault(tenant, _Bucket(rpm, rpm))
@@ -96,11 +158,16 @@ class Limiter:
             self.tokens[tenant].level -= tokens
         self.in_flight += sequences
         self.running[tenant] += sequences
+        self._last_active[tenant] = time.monotonic()
         return Ticket(self, tenant, sequences, tokens if tpm is not None else 0, tpm)
 
     def _release(self, ticket: Ticket, tokens: int) -> None:
         self.in_flight -= ticket.sequences
         self.running[ticket.tenant] -= ticket.sequences
+        self._last_active[ticket.tenant] = time.monotonic()
+        if self._freed is not None:  # wake the tenants waiting for a turn
+            self._freed.set()
+            self._freed = None
         tpm = ticket.tokens_per_minute
         if tpm is not None:
             bucket = self.tokens.setdefault(ticket.tenant, _Bucket(tpm, tpm))

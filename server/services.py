@@ -63,7 +63,9 @@ class Services:
                 if hasattr(getattr(settings, name), "get_secret_value"):
                     env.pop(f"LORASERVE_{name.upper()}", None)
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
-        return cls(settings, store, registry, pool, metrics, Limiter(settings.max_in_flight), JobStore(store),
+        limiter = Limiter(settings.max_in_flight, contended_share=settings.tenant_contended_concurrency,
+                          queue_timeout=settings.tenant_queue_timeout)
+        return cls(settings, store, registry, pool, metrics, limiter, JobStore(store),
                    build_cache_salts(settings), supervisor, worker)
 
     def children(self) -> list[ChildSupervisor]:

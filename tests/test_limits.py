@@ -134,3 +134,52 @@ def test_limits_through_the_gateway(gateway):
     other = httpx.post(url, json={**body, "max_tokens": 2},
                        headers={"Authorization": f"Bearer {gateway.tenants['alpha'].key}"}, timeout=60)
     assert other.status_code == 200
+
+
+def test_alone_a_tenant_gets_its_whole_limit_and_contended_only_its_share():
+    """With another tenant active, a tenant runs at most `contended_share` sequences and the rest of its
+    requests wait for a turn (the victim's latency target of bench/fairness.py); alone it gets its limit.
+    Before, a flooding tenant kept 16 sequences in the batch beside another tenant's one."""
+    import asyncio
+
+    limits = {"max_concurrent_requests": 16}
+
+    async def go():
+        limiter = Limiter(max_in_flight=100, contended_share=2, queue_timeout=30)
+        alone = [await limiter.acquire("attacker", limits) for _ in range(4)]  # nobody else: no share
+        for ticket in alone:
+            ticket.release(0)
+        victim = await limiter.acquire("victim", limits)
+        held = [await limiter.acquire("attacker", limits) for _ in range(2)]
+        third = asyncio.ensure_future(limiter.acquire("attacker", limits))
+        await asyncio.sleep(0.05)
+        assert not third.done() and limiter.waiting["attacker"] == 1
+        assert (await limiter.acquire("victim", limits)).sequences == 1  # the victim never waits for its turn
+        held[0].release(0)
+        assert (await asyncio.wait_for(third, 10)).sequences == 1 and limiter.waiting["attacker"] == 0
+        assert limiter.running["attacker"] == 2
+        victim.release(0)
+
+    asyncio.run(go())
+
+
+def test_a_turn_not_given_in_time_is_a_429_and_the_queue_is_bounded():
+    import asyncio
+
+    async def go():
+        limiter = Limiter(max_in_flight=100, contended_share=1, queue_timeout=0.2)
+        await limiter.acquire("victim", {})
+        await limiter.acquire("attacker", {"max_concurrent_requests": 3})
+        with pytest.raises(RateLimited):
+            await limiter.acquire("attacker", {"max_concurrent_requests": 3})  # waited 0.2 s for a turn
+        waiting = [asyncio.ensure_future(limiter.acquire("attacker", {"max_concurrent_requests": 3}))
+                   for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RateLimited) as caught:  # 1 running + 2 waiting: at its limit of 3
+            await limiter.acquire("attacker", {"max_concurrent_requests": 3})
+        assert "concurrent" in caught.value.message
+        for w in waiting:
+            with pytest.raises(RateLimited):
+                await w
+
+    asyncio.run(go())

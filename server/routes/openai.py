@@ -61,7 +61,8 @@ async def _generate(
         cost = plan_cost(body, context_window=services.settings.engine_max_model_len,
                          token_budget=limits.get("tokens_per_minute"))
         recorder.prompt_estimate = cost.prompt_tokens
-        ticket = services.limiter.admit(tenant.id, limits, sequences=cost.sequences, tokens=cost.reserved_tokens)
+        ticket = await services.limiter.acquire(tenant.id, limits, sequences=cost.sequences,
+                                                tokens=cost.reserved_tokens)
         recorder.on_finish = ticket.release
         route = await run_in_threadpool(
             resolve_model, services.settings, services.store, services.registry, tenant, body.model
