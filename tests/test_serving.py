@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -164,6 +166,11 @@ def test_continuous_usage_is_relayed_when_asked_and_counted_once(gateway):
     counts = [c.usage.completion_tokens for c in with_text]
     assert counts == sorted(counts)
     assert chunks[-1].usage.completion_tokens == 12
+    # The gateway counts a stream when its relay ends, just after the client has read [DONE].
+    deadline = time.monotonic() + 60
+    while _counter(gateway, "loraserve_completion_tokens_total", "alpha") - before < 12:
+        assert time.monotonic() < deadline, "the stream's tokens were never counted"
+        time.sleep(0.1)
     assert _counter(gateway, "loraserve_completion_tokens_total", "alpha") - before == 12
     # Without the option, only the closing chunk has usage; without include_usage, none has.
     plain = list(alpha.chat.completions.create(model="support", messages=PROMPT, max_tokens=4, stream=True,
