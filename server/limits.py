@@ -4,8 +4,9 @@ Per tenant: concurrent sequences, requests per minute, tokens per minute. Concur
 (prompts x `n`), not HTTP requests, so one request cannot hold thousands of engine slots as "one". Tokens are
 reserved when a request is admitted (see `server.budget`) and reconciled when it ends with what the engine
 really produced, so concurrent requests cannot overshoot the budget before the first is charged. Over a
-limit: 429 with `Retry-After`. Gateway-wide: at most `max_in_flight` sequences at once, else 503 with
-`Retry-After`, rather than an unbounded queue. State is per gateway process.
+limit: 429 with `Retry-After`. While other tenants are active, a tenant runs at most its contended share of
+sequences and its other requests wait for a turn (`Limiter.acquire`). Gateway-wide: at most `max_in_flight`
+sequences at once, else 503 with `Retry-After`, rather than an unbounded queue. State is per gateway process.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Limiter:
                         self.waiting[tenant] += sequences
                     if self._freed is None:
                         self._freed = asyncio.Event()
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from 3.11 on
                         # Woken by every release; at least each second, since contention also ends with time.
                         await asyncio.wait_for(self._freed.wait(), min(remaining, _ACTIVE_WINDOW))
         finally:
