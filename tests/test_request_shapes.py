@@ -20,9 +20,10 @@ import pytest
 from openai import BadRequestError
 
 from server.bounds import check_request_bounds
+from server.chat_structure import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS
 from server.config import Settings
 from server.errors import BadRequest
-from server.protocol import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS, ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "Say hi."}
