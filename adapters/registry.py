@@ -8,7 +8,7 @@ be publishing meanwhile). The rename is made durable by fsyncing the folder it l
 folder that publish created above it (a new tenant's or adapter's). The database row is written after
 the rename and records which version is active.
 
-Which version is active (the rule; `server.store` enforces it):
+Which version is active (the rule; `server.storage.store` enforces it):
 - A publish activates its version only if it is newer than the active one, in one conditional UPDATE:
   concurrent publishes end with the highest number active, whatever order they finish in.
 - A new version is `unverified` until an engine has loaded it: the gateway's upload loads it before
@@ -16,7 +16,7 @@ Which version is active (the rule; `server.store` enforces it):
   (engine down at upload, `loraserve adapter publish`, a training job) it becomes active unverified, and
   its first real load on an engine is the verification. If that load is refused, the version becomes
   `refused` (never active again) and the adapter falls back to the version active before it, with an
-  audit entry (`server.lifecycle.engine_loaded`).
+  audit entry (`server.publishing.lifecycle.engine_loaded`).
 - Per-tenant quotas (`AdapterQuota`: adapters, bytes of all versions) are checked when the version's row
   is written; over one, the version is removed again.
 """

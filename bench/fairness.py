@@ -4,22 +4,24 @@
 
 The victim sends short requests one after another, first alone, then while a hostile tenant keeps
 `--flood` requests open at once (retrying whatever is refused), mixing three attacks: long answers, prompt
-lists with `n` (many sequences in one request) and streams it hangs up on after a few chunks. Each tenant
-may hold at most LORASERVE_TENANT_MAX_CONCURRENT_REQUESTS (16) sequences in the engine, so the flood cannot
-fill the batch. The target is the victim's p99 within 2x of alone, with the same token counts.
+lists with `n` (many sequences in one request) and streams it hangs up on after a few chunks. The attacker
+runs in a process of its own, as a client on another machine would. The gateway's defences under test: the
+contended share, held refusals and preemption (README, "Limits"). The target is the victim's p99 within 2x
+of alone, with the same token counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import time
 
 import httpx
 from harness import BenchServer, print_table
 
-from server.services import build_store
+from server.storage.factory import build_store
 
 VICTIM = {"model": "default", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
           "temperature": 0}
@@ -40,16 +42,16 @@ async def victim(client: httpx.AsyncClient, server: BenchServer, key: str, n: in
     return times, tokens
 
 
-async def flooder(client: httpx.AsyncClient, server: BenchServer, key: str, stop: asyncio.Event, counts: dict,
+async def flooder(client: httpx.AsyncClient, url: str, key: str, stop: asyncio.Event, counts: dict,
                   attack: int, backoff: float):
     headers = {"Authorization": f"Bearer {key}"}
     while not stop.is_set():
         if attack == 0:
-            r = await client.post(f"{server.url}/v1/chat/completions", json=FLOOD, headers=headers)
+            r = await client.post(f"{url}/v1/chat/completions", json=FLOOD, headers=headers)
         elif attack == 1:
-            r = await client.post(f"{server.url}/v1/completions", json=WIDE, headers=headers)
+            r = await client.post(f"{url}/v1/completions", json=WIDE, headers=headers)
         else:
-            async with client.stream("POST", f"{server.url}/v1/chat/completions", json=STREAM,
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM,
                                      headers=headers) as r:
                 if r.status_code == 200:
                     lines = r.aiter_lines()
@@ -60,17 +62,36 @@ async def flooder(client: httpx.AsyncClient, server: BenchServer, key: str, stop
             await asyncio.sleep(backoff)
 
 
+def attack(url: str, key: str, flood: int, backoff: float, stop, counts_out) -> None:
+    """The attacking tenant, in a process of its own: a client on another machine does not share the
+    victim's event loop, and here it cannot delay the victim's own reading of its answers."""
+
+    async def run():
+        counts, done = {}, asyncio.Event()
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=flood)) as client:
+            tasks = [asyncio.create_task(flooder(client, url, key, done, counts, i % 3, backoff))
+                     for i in range(flood)]
+            await asyncio.to_thread(stop.wait)
+            done.set()
+            await asyncio.gather(*tasks)
+        counts_out.put(counts)
+
+    asyncio.run(run())
+
+
 async def measure(server: BenchServer, victim_key: str, flood_key: str, n: int, flood: int, backoff: float):
     async with httpx.AsyncClient(timeout=600) as client:
         await victim(client, server, victim_key, 2)  # warm up
         alone = await victim(client, server, victim_key, n)
-        stop, counts = asyncio.Event(), {}
-        tasks = [asyncio.create_task(flooder(client, server, flood_key, stop, counts, i % 3, backoff))
-                 for i in range(flood)]
+        context = multiprocessing.get_context("spawn")
+        stop, counts_out = context.Event(), context.Queue()
+        attacker = context.Process(target=attack, args=(server.url, flood_key, flood, backoff, stop, counts_out))
+        attacker.start()
         await asyncio.sleep(3)  # let the flood fill the engine
         during = await victim(client, server, victim_key, n)
         stop.set()
-        await asyncio.gather(*tasks)
+        counts = await asyncio.to_thread(counts_out.get)
+        await asyncio.to_thread(attacker.join)
     return alone, during, counts
 
 

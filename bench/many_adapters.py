@@ -41,7 +41,7 @@ import httpx
 from harness import REPO, BenchServer, make_adapters, print_table
 
 from adapters.basemodel import ensure_default_model
-from server.services import build_registry, build_store
+from server.storage.factory import build_registry, build_store
 
 PROMPTS = ["Tell me a story.", "Name three colors.", "What is the capital of France?", "Write a haiku about rain.",
            "Explain what a CPU does.", "Give me a tip for sleeping well.", "Count to ten.", "Describe a cat."]

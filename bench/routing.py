@@ -27,7 +27,7 @@ from harness import ADMIN_KEY, REPO, free_port, make_adapters, print_table
 
 from adapters.basemodel import ensure_default_model
 from server.config import Settings
-from server.services import build_registry, build_store
+from server.storage.factory import build_registry, build_store
 
 MAX_TOKENS = 16
 

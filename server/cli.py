@@ -24,9 +24,9 @@ from adapters.basemodel import BaseModelError, ensure_default_model, is_model_fo
 from adapters.names import InvalidName, check_name
 from adapters.validate import AdapterInvalid
 from server.config import Settings
-from server.logs import configure_logging
-from server.services import build_registry, build_store
-from server.store import Store
+from server.observability.logs import configure_logging
+from server.storage.factory import build_registry, build_store
+from server.storage.store import Store
 
 
 class TrainingRefused(Exception):
@@ -120,7 +120,7 @@ def cmd_engine(settings: Settings, args) -> None:
     """Replace this process with vLLM's OpenAI server (so signals and exit status are the engine's own)."""
     import os
 
-    from server.supervisor import engine_command, engine_env
+    from server.engine.supervisor import engine_command, engine_env
 
     prepare_model(settings)
     command = engine_command(settings)
@@ -136,8 +136,8 @@ def cmd_model_prepare(settings: Settings, _args) -> None:
 
 def cmd_db_upgrade(settings: Settings, _args) -> None:
     """Alembic's upgrade to the newest revision, under the same lock gateways take when they start."""
-    from server.migrations import head
-    from server.store import database_url
+    from server.storage.migrations import head
+    from server.storage.store import database_url
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     revision = Store(settings.db_url).create_schema()
@@ -172,7 +172,7 @@ def cmd_adapter_publish(settings: Settings, args) -> None:
 
 
 def cmd_worker(settings: Settings, _args) -> None:
-    from server.worker import Worker
+    from server.finetuning.worker import Worker
 
     configure_logging(settings.log_level, settings.log_format)
     prepare_model(settings)
@@ -248,7 +248,7 @@ def first_run_setup(settings: Settings, store: Store) -> None:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
     print(f"Gateway on http://{settings.host}:{settings.port} (ready when /readyz says so; "

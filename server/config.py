@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     tenant_queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for its tenant's turn before it is refused (429).",
     )
+    tenant_refusal_hold: float = Field(
+        1.0, ge=0, le=30, description="Seconds a request over its tenant's own limits waits for room before its "
+        "429: a client that retries at once is slowed to about one try a second per connection instead of "
+        "spending the engine's CPU on refusals. 0: refuse at once.",
+    )
     cache_salt_secret: SecretStr | None = Field(
         None, description="Secret the per-tenant prefix-cache salts are derived from; give every gateway that "
         "shares engines the same one. Unset: made once and kept in data_dir/cache-salt.secret.",

@@ -1,6 +1,6 @@
 """One exception tree for everything a client may be told, in OpenAI's error shape.
 
-Code anywhere raises an `APIError`; `server.app` turns it into a response (and the streaming relay into
+Code anywhere raises an `APIError`; `server.api.app` turns it into a response (and the streaming relay into
 an SSE error event) with `error_body`. Messages are written for the client: never a stack trace, a key,
 a file path or another tenant's name.
 """
@@ -105,6 +105,15 @@ def api_error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.code, exc.param)
 
 
+class Missing(LookupError):
+    """Raised by the storage layer: the tenant, key, adapter or version does not exist (404)."""
+
+
+class StateConflict(ValueError):
+    """Raised by the storage layer: the change contradicts the current state, a duplicate or deleting what
+    is in use (409)."""
+
+
 @cache
 def domain_errors() -> dict[type[Exception], Callable[[Exception], APIError]]:
     """How the lower layers' own exceptions read to a client. Their messages are written for users."""
@@ -112,11 +121,10 @@ def domain_errors() -> dict[type[Exception], Callable[[Exception], APIError]]:
     from adapters.basemodel import BaseModelError
     from adapters.names import InvalidName
     from adapters.validate import AdapterInvalid
-    from server import store
 
     return {
-        store.Missing: lambda e: NotFound(_text(e)),
-        store.Conflict: lambda e: Conflict(_text(e)),
+        Missing: lambda e: NotFound(_text(e)),
+        StateConflict: lambda e: Conflict(_text(e)),
         InvalidName: lambda e: BadRequest(_text(e), code="invalid_name"),
         AdapterInvalid: lambda e: Unprocessable(_text(e), code="invalid_adapter"),
         ArchiveRefused: lambda e: Unprocessable(_text(e), code="invalid_archive"),

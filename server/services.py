@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from adapters.registry import AdapterQuota, Registry
-from adapters.validate import BaseModelSpec
+from adapters.registry import Registry
 from adapters.zero import ENGINE_NAME as ZERO_ENGINE_NAME
 from adapters.zero import ensure_zero_adapter
-from server.cache_salt import CacheSalts, load_or_create_secret
 from server.config import Settings
 from server.engine.client import EngineClient
 from server.engine.pool import EnginePool, PoolObserver
-from server.jobstore import JobStore
-from server.limits import Limiter
-from server.metrics import Metrics
-from server.metrics_state import metrics_state
-from server.store import Store
-from server.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
+from server.engine.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
+from server.observability.metrics import Metrics
+from server.observability.metrics_state import metrics_state
+from server.serving.cache_salt import CacheSalts, load_or_create_secret
+from server.serving.limits import Limiter
+from server.storage.factory import build_registry, build_store
+from server.storage.jobstore import JobStore
+from server.storage.store import Store
 
 log = logging.getLogger("loraserve.services")
 ZERO_FOLDER = ".base-zero"  # in the registry, so every engine sees it at the same path
@@ -64,7 +64,8 @@ class Services:
                     env.pop(f"LORASERVE_{name.upper()}", None)
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
         limiter = Limiter(settings.max_in_flight, contended_share=settings.tenant_contended_concurrency,
-                          queue_timeout=settings.tenant_queue_timeout)
+                          queue_timeout=settings.tenant_queue_timeout,
+                          refusal_hold=settings.tenant_refusal_hold)
         return cls(settings, store, registry, pool, metrics, limiter, JobStore(store),
                    build_cache_salts(settings), supervisor, worker)
 
@@ -88,7 +89,7 @@ class _MetricsObserver(PoolObserver):
         self.store = store
 
     async def verdict(self, engine_model: str, loaded: bool) -> None:
-        from server.lifecycle import engine_verdict  # lifecycle needs Services: imported when first used
+        from server.publishing.lifecycle import engine_verdict  # lifecycle needs Services: imported when first used
 
         await engine_verdict(self.store, engine_model, loaded)
 
@@ -99,23 +100,7 @@ class _MetricsObserver(PoolObserver):
         self.metrics.adapter_unloaded(engine)
 
 
-def build_store(settings: Settings) -> Store:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_url)
-    store.create_schema()
-    return store
-
-
 def build_cache_salts(settings: Settings) -> CacheSalts:
     if settings.cache_salt_secret is not None:
         return CacheSalts(settings.cache_salt_secret.get_secret_value().encode())
     return CacheSalts(load_or_create_secret(settings.data_dir / "cache-salt.secret"))
-
-
-def build_registry(settings: Settings, store: Store) -> Registry:
-    spec = BaseModelSpec(
-        model_id=settings.base_model_id, served_name=settings.served_model_name,
-        path=settings.model_path, max_rank=settings.engine_max_lora_rank,
-    )
-    quota = AdapterQuota(settings.tenant_max_adapters, settings.tenant_max_adapter_bytes)
-    return Registry(settings.registry_path, store, spec, quota)

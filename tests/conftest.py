@@ -33,9 +33,25 @@ ENGINE_START_TIMEOUT = 600
 UPLOAD_LIMIT = 32 << 20
 ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
-# Share of RAM for each test engine (weights, activations and KV cache; ~2.5 GiB, of which ~1 GiB is KV
-# cache, ~20k tokens of SmolLM2): small enough that tests starting more engines fit beside the session one.
-ENGINE_MEMORY_SHARE = 0.15
+# RAM for each test engine: weights and activations (~1.6 GiB resident) plus ~1 GiB of KV cache (~20k tokens of
+# SmolLM2). vLLM's CPU worker sizes the KV cache as a share of its NUMA node's memory minus what it already holds,
+# so the share is worked out from that same node: a fixed 0.15 left no KV cache on a 10 GiB node and the engine
+# refused to start (CI "Available memory on node 0 ... less than requested memory for kv").
+ENGINE_MEMORY_BYTES = 2.7 * 2**30
+
+
+def node_memory_bytes() -> int:
+    """Total memory of NUMA node 0 as vLLM reads it, or the machine's where there is no node file."""
+    try:
+        for line in Path("/sys/devices/system/node/node0/meminfo").read_text().splitlines():
+            if line.split()[2] == "MemTotal:":
+                return int(line.split()[3]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+ENGINE_MEMORY_SHARE = round(min(0.6, max(0.15, ENGINE_MEMORY_BYTES / node_memory_bytes())), 3)
 
 
 def free_port() -> int:
@@ -136,7 +152,7 @@ def running_gateway(settings: Settings) -> Iterator[object]:
     """A gateway app served by uvicorn in a thread of this process, until the block ends."""
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))

@@ -1,4 +1,4 @@
-"""Reading the deployment files for tests/test_deploy.py: compose services, Kubernetes objects, Dockerfiles.
+"""Reading the deployment files for test_deploy.py and test_deploy_k8s.py: compose, Kubernetes, Dockerfiles.
 
 Also the schemas of the two Prometheus-operator kinds (kubernetes-validate has none for custom resources),
 written from the fields the operator's CRDs document; strict, so a misspelt field, which the API server
@@ -7,12 +7,17 @@ would silently prune, fails.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import pytest
 import yaml
+
+from server.cli import main as cli_main
+from server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -143,3 +148,25 @@ def dockerignored(path: str) -> bool:
         if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
             ignored = not pattern.startswith("!")
     return ignored
+
+
+ROLES = ("gateway", "engine", "worker")
+IMAGE_UID = 10001
+
+
+def settings_from(env: dict[str, str], monkeypatch) -> Settings:
+    for name in [n for n in os.environ if n.startswith("LORASERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def assert_cli_accepts(args: list[str]) -> None:
+    """`loraserve ARGS --help` exits 0 only when the command and its options exist."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--help"])
+    assert exit_.value.code == 0, f"`loraserve {' '.join(args)}` is not a loraserve command"
+
+
+# Compose

@@ -187,7 +187,7 @@ def test_every_bad_upload_is_refused_cleanly(gateway, mallory, tmp_path):
 def local(tmp_path):
     from adapters.registry import Registry
     from adapters.validate import BaseModelSpec
-    from server.store import Store
+    from server.storage.store import Store
     from tests.base_files import write_fake_base
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
@@ -243,7 +243,7 @@ def test_a_version_no_engine_tried_is_unverified_and_a_refusal_falls_back(local,
     decides. Refused: it is `refused`, never active again, and the adapter falls back to the version
     active before it (here 1, though 2 is newer: the operator had rolled back to 1). Failed before the fix
     (there was no such state: a version was active, tried or not)."""
-    from server.store import Conflict
+    from server.storage.store import Conflict
 
     store, registry = local
     for name in "abc":
@@ -267,7 +267,7 @@ def test_a_version_no_engine_tried_is_unverified_and_a_refusal_falls_back(local,
 def test_adapter_quotas_refuse_with_nothing_left_behind(local, tmp_path):
     """Per-tenant quotas: adapters (names) and bytes of all versions. Failed before the fix (no quota)."""
     from adapters.registry import AdapterQuota
-    from server.store import OverQuota
+    from server.storage.store import OverQuota
 
     store, registry = local
     source = write_adapter(tmp_path / "a")

@@ -8,7 +8,7 @@ import sys
 
 from server.cli import first_run_setup
 from server.config import Settings
-from server.services import build_store
+from server.storage.factory import build_store
 from tests.adapter_files import write_adapter
 from tests.base_files import write_fake_base
 

@@ -50,27 +50,37 @@ def completion(gateway, key: str, prompt, **fields) -> httpx.Response:
                       headers={"Authorization": f"Bearer {key}"})
 
 
-class AccessLines(logging.Handler):
-    """The gateway's access-log records (it runs in this process)."""
+class Records(logging.Handler):
+    """The messages one of the gateway's loggers writes at INFO while in the `with` block (the test gateway
+    configures no logging: INFO would be dropped)."""
+
+    def __init__(self, logger: str):
+        super().__init__()
+        self.logger, self.lines = logging.getLogger(logger), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+class AccessLines(Records):
+    """The gateway's access-log records (it runs in this process), as their fields."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__("loraserve.access")
         self.records: list[dict] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(dict(getattr(record, "fields", {})))
-
-    def __enter__(self):
-        logger = logging.getLogger("loraserve.access")
-        self._level = logger.level
-        logger.setLevel(logging.INFO)  # the test gateway configures no logging: INFO would be dropped
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logger = logging.getLogger("loraserve.access")
-        logger.removeHandler(self)
-        logger.setLevel(self._level)
 
 
 def test_a_tenant_cannot_probe_another_tenants_prompts_through_the_prefix_cache(gateway):
@@ -187,9 +197,11 @@ def test_prompt_lists_are_bounded_and_count_as_sequences(gateway):
     assert flood.status_code == 400 and flood.json()["error"]["param"] == "prompt", flood.text
     too_wide = completion(gateway, key, ["a", "b", "c"], n=4, temperature=1)  # 12 sequences against a limit of 8
     assert too_wide.status_code == 400 and too_wide.json()["error"]["code"] == "too_many_sequences", too_wide.text
-    # 2 prompts x n=4 hold all 8 sequences while they stream: a second request of one sequence waits its turn.
+    # 2 prompts x n=4 hold all 8 sequences while they stream: a second request of one sequence waits its turn
+    # (up to the refusal hold, 1 s), then is refused. The held answers are long enough (1,800 decode steps of 8
+    # sequences) that no CPU finishes them within the hold; leaving the block aborts them.
     body = {"model": gateway.settings.served_model_name, "prompt": ["Once upon a time", "In a land"], "n": 4,
-            "temperature": 1, "max_tokens": 200, "min_tokens": 200, "stream": True}
+            "temperature": 1, "max_tokens": 1800, "min_tokens": 1800, "stream": True}
     with httpx.Client(timeout=300) as client, client.stream(
             "POST", f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as held:
         assert held.status_code == 200
@@ -247,6 +259,45 @@ def test_the_victim_is_served_the_same_answers_while_an_attacker_floods(gateway)
         for t in threads:
             t.join(timeout=300)
     assert answers == [alone] * 3
+
+
+def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(gateway):
+    """Alone, a tenant may run its whole limit. When another tenant arrives, the first one's newest
+    non-streamed requests beyond its contended share (2) are preempted: aborted at the engine and run again
+    in turn, so the newcomer shares the batch with 2 of them, not 6. Each preempted request still gets its
+    whole answer, the same as the others (temperature 0). Before the fix the newcomer waited behind all six
+    (bench/fairness.py: the victim's first requests took 2-3 times its time alone)."""
+    hog = f"hog-{uuid.uuid4().hex[:6]}"
+    assert gateway.admin("POST", "/tenants", json={"id": hog}).status_code == 201
+    hog_key = gateway.admin("POST", f"/tenants/{hog}/keys").json()["key"]
+    newcomer = new_tenant(gateway, "newcomer")
+    limiter = gateway.services.limiter
+    preemptions = Records("loraserve.limits")
+    body = {"model": gateway.settings.served_model_name, "prompt": "Once upon a time", "max_tokens": 64,
+            "min_tokens": 64, "temperature": 0}
+    with ThreadPoolExecutor(6) as pool:
+        hogs = [pool.submit(httpx.post, f"{gateway.url}/v1/completions", json=body, timeout=600,
+                            headers={"Authorization": f"Bearer {hog_key}"}) for _ in range(6)]
+        wait_for(lambda: limiter.running[hog] == 6, "the tenant alone did not get six sequences")
+        seen = []
+        original = limiter._start_running
+
+        def spy(ticket):  # what the hog runs right after the newcomer is let in
+            original(ticket)
+            seen.append(limiter.running[hog])
+
+        limiter._start_running = spy
+        try:
+            with preemptions:
+                assert completion(gateway, newcomer, "Hello", max_tokens=4).status_code == 200
+        finally:
+            del limiter._start_running
+        replies = [h.result() for h in hogs]
+    assert seen and seen[0] == 2, f"the hog ran {seen[:1]} sequences beside the newcomer"
+    assert [r.status_code for r in replies] == [200] * 6, [r.text[:200] for r in replies]
+    assert {r.json()["choices"][0]["text"] for r in replies} == {replies[0].json()["choices"][0]["text"]}
+    assert all(r.json()["usage"]["completion_tokens"] == 64 for r in replies)
+    assert sum(hog in line for line in preemptions.lines) == 4, preemptions.lines
 
 
 def test_oversized_bodies_without_a_key_are_refused_before_they_are_read(gateway):

@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from server.config import Settings
-from server.supervisor import engine_env
+from server.engine.supervisor import engine_env
 from tests.conftest import ADMIN_KEY
 
 METRICS_TOKEN = "test-metrics-token-not-secret"
@@ -216,7 +216,7 @@ def test_engine_env_drops_the_gateways_secrets_and_settings(monkeypatch):
 def test_the_running_engine_inherited_nothing_else(gateway):
     """The session's engine, started by the gateway while pytest ran (PYTEST_CURRENT_TEST, the shell's
     variables...): its environment holds allowed names only. Failed before the fix (it held them all)."""
-    from server.supervisor import engine_env_allows
+    from server.engine.supervisor import engine_env_allows
 
     pid = gateway.services.supervisor.pid
     raw = open(f"/proc/{pid}/environ", "rb").read()  # noqa: SIM115

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from server import worker as worker_module
 from server.config import Settings
-from server.db import Job, utcnow
-from server.jobstore import JobStore
-from server.worker import Worker, child_env, scrub
+from server.finetuning import worker as worker_module
+from server.finetuning.worker import Worker, child_env, scrub
+from server.storage.db import Job, utcnow
+from server.storage.jobstore import JobStore
 from tests.conftest import REPO, make_peft_adapter
 
 # The stand-in for `python -m adapters.train.job CONFIG`: argv is CONFIG CONTROL_DIR MODE. It writes its pid to
@@ -51,7 +51,7 @@ event(type="result", data={"trained_tokens": 10, "steps": 1})
 # A worker process that runs one claimed job with the stand-in child: argv is DATA_DIR CONTROL_DIR.
 WORKER = r"""
 import subprocess, sys
-from server import worker as w
+from server.finetuning import worker as w
 from server.config import Settings
 real = subprocess.Popen
 subprocess.Popen = lambda args, **kw: real([sys.executable, "-c", sys.argv[3], args[-1], sys.argv[2], "sleep"], **kw)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.budget import plan_cost
-from server.cache_salt import CacheSalts, load_or_create_secret
 from server.errors import BadRequest, EngineUnavailable, RateLimited
-from server.limits import Limiter
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving.budget import plan_cost
+from server.serving.cache_salt import CacheSalts, load_or_create_secret
+from server.serving.limits import Limiter
+from server.wire.openai import ChatCompletionRequest, CompletionRequest
 
 
 def test_concurrency_limit_and_release():
@@ -181,5 +181,63 @@ def test_a_turn_not_given_in_time_is_a_429_and_the_queue_is_bounded():
         for w in waiting:
             with pytest.raises(RateLimited):
                 await w
+
+    asyncio.run(go())
+
+
+def test_a_tenant_over_its_share_is_preempted_once_when_another_arrives():
+    """Alone a tenant may hold its whole limit; when another tenant is admitted, its newest preemptible
+    tickets beyond the contended share leave the batch (`preempted` is set) and `resume` waits for a turn.
+    A ticket is preempted at most once, and one that is not preemptible (a stream) is never. Guards the
+    first requests of bench/fairness.py's victim, which waited behind the attacker's full batch."""
+    import asyncio
+
+    limits = {"max_concurrent_requests": 16}
+
+    async def go():
+        limiter = Limiter(max_in_flight=100, contended_share=2, queue_timeout=30)
+        hog = [await limiter.acquire("hog", limits) for _ in range(6)]
+        for ticket in hog[1:]:
+            ticket.preemptible = True
+        newcomer = await limiter.acquire("newcomer", limits)
+        assert limiter.running["hog"] == 2 and limiter.in_flight == 3
+        assert [t.preempted.is_set() for t in hog] == [False, False, True, True, True, True]
+        resumed = [asyncio.ensure_future(t.resume()) for t in hog[2:]]
+        await asyncio.sleep(0.05)
+        assert not any(r.done() for r in resumed)  # the newcomer is still active: no turn yet
+        hog[0].release(0)
+        await asyncio.sleep(0.05)
+        assert sum(r.done() for r in resumed) == 1 and limiter.running["hog"] == 2
+        newcomer.release(0)
+        await asyncio.wait_for(asyncio.gather(*resumed), 10)  # the newcomer idle: all of them run
+        assert limiter.running["hog"] == 5 and not any(t.preempted.is_set() for t in hog)
+        again = await limiter.acquire("newcomer", limits)
+        # Only the one preemptible ticket never preempted goes; the resumed ones run to their end.
+        assert [t.preempted.is_set() for t in hog] == [False, True, False, False, False, False]
+        assert limiter.running["hog"] == 4
+        for ticket in (*hog, again):
+            ticket.release(0)
+        assert limiter.in_flight == 0 and not limiter._tickets
+
+    asyncio.run(go())
+
+
+def test_a_preempted_ticket_that_gets_no_turn_in_time_is_a_429():
+    """Like a request queued for its turn: a preempted one that gets none within the queue timeout is a 429
+    (it does not join the batch over its share)."""
+    import asyncio
+
+    async def go():
+        limiter = Limiter(max_in_flight=100, contended_share=1, queue_timeout=0.2)
+        hog = [await limiter.acquire("hog", {}) for _ in range(2)]
+        hog[1].preemptible = True
+        newcomer = await limiter.acquire("newcomer", {})
+        assert hog[1].preempted.is_set()
+        with pytest.raises(RateLimited):
+            await hog[1].resume()
+        assert limiter.running["hog"] == 1
+        for ticket in (*hog, newcomer):
+            ticket.release(0)
+        assert limiter.in_flight == 0
 
     asyncio.run(go())

@@ -21,10 +21,10 @@ from alembic.runtime.migration import MigrationContext
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Integer, MetaData, String, func, make_url, select
 
-from server.db import AdapterVersion, Base, Job, JobEvent, utcnow
-from server.jobstore import JobStore
-from server.migrations import INITIAL, LOCK_KEY, alembic_config, head
-from server.store import Conflict, Missing, Store
+from server.storage.db import AdapterVersion, Base, Job, JobEvent, utcnow
+from server.storage.jobstore import JobStore
+from server.storage.migrations import INITIAL, LOCK_KEY, alembic_config, head
+from server.storage.store import Conflict, Missing, Store
 from tests.conftest import ADMIN_KEY, REPO, free_port, make_peft_adapter, wait_until_ok
 
 pytest_plugins = ["tests.postgres"]
@@ -137,7 +137,7 @@ def test_store_on_postgres(postgres_url):
 RESERVE = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
-from server.store import Store
+from server.storage.store import Store
 store = Store(sys.argv[1])
 store.ping()
 print("ready", flush=True)
@@ -149,8 +149,8 @@ with ThreadPoolExecutor(4) as pool:
 CLAIM = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
-from server.jobstore import JobStore
-from server.store import Store
+from server.storage.jobstore import JobStore
+from server.storage.store import Store
 store = Store(sys.argv[1])
 jobs = JobStore(store)
 store.ping()

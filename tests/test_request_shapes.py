@@ -19,11 +19,11 @@ import httpx
 import pytest
 from openai import BadRequestError
 
-from server.bounds import check_request_bounds
-from server.chat_structure import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS
 from server.config import Settings
 from server.errors import BadRequest
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving.bounds import check_request_bounds
+from server.wire.chat import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS
+from server.wire.openai import ChatCompletionRequest, CompletionRequest
 
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "Say hi."}
@@ -209,7 +209,7 @@ def test_token_prompts_and_prompt_lists_within_bounds_pass(gateway):
     assert len(reply.choices) == limit
 
 
-# Unit tests of the models and of server/bounds.py (no engine).
+# Unit tests of the models and of server/serving/bounds.py (no engine).
 
 
 def test_prompt_count():

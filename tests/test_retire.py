@@ -16,7 +16,7 @@ import pytest
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
 from server.config import Settings
-from server.store import Store
+from server.storage.store import Store
 from tests.adapter_files import write_adapter
 from tests.base_files import write_fake_base
 from tests.conftest import make_peft_adapter

@@ -13,7 +13,7 @@ import httpx
 import psutil
 
 from server.config import Settings
-from server.services import build_store
+from server.storage.factory import build_store
 from tests.conftest import REPO, free_port, wait_until_ok
 
 

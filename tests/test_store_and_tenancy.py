@@ -13,8 +13,8 @@ from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
 from server.config import Settings
 from server.errors import Forbidden, ModelNotFound, Unauthorized
-from server.store import Store
-from server.tenancy import authenticate_tenant, resolve_model
+from server.serving.tenancy import authenticate_tenant, resolve_model
+from server.storage.store import Store
 from tests.adapter_files import write_adapter
 from tests.base_files import write_fake_base
 

@@ -1,0 +1,212 @@
+"""Admin API (admin key only): tenants, their keys and adapters, and the audit log.
+
+Every action is written to the audit log with the acting key's id, whether it succeeded or not.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from adapters.names import check_name
+from server.api.deps import AdminDep, ServicesDep
+from server.errors import as_api_error
+from server.publishing import lifecycle
+from server.publishing.uploads import quota_error, staged_upload
+from server.services import Services
+from server.storage.store import AdapterView, KeyIdentity, Missing, OverQuota
+from server.wire.openai import (
+    ActivateRequest,
+    AdapterOut,
+    AuditOut,
+    KeyOut,
+    ListOf,
+    TenantCreate,
+    TenantLimits,
+    TenantOut,
+    TenantUpdate,
+    VersionOut,
+)
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@asynccontextmanager
+async def audited(services: Services, admin: KeyIdentity, action: str, obj: str):
+    """Record the action and how it ended (`ok`, or the HTTP status it was refused with)."""
+    try:
+        yield
+    except Exception as exc:
+        error = as_api_error(exc)
+        result, detail = (f"refused {error.status}", error.message) if error else ("failed", type(exc).__name__)
+        await run_in_threadpool(services.store.audit, admin.key_id, action, obj, result, detail)
+        raise
+    await run_in_threadpool(services.store.audit, admin.key_id, action, obj, "ok")
+
+
+def _tenant_out(tenant) -> TenantOut:
+    return TenantOut(id=tenant.id, default_adapter=tenant.default_adapter,
+                     limits=TenantLimits(**(tenant.limits or {})), created_at=tenant.created_at)
+
+
+# Tenants
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, admin: AdminDep, services: ServicesDep) -> TenantOut:
+    async with audited(services, admin, "tenant.create", body.id):
+        limits = body.limits.model_dump(exclude_none=True)
+        return _tenant_out(await run_in_threadpool(services.store.create_tenant, body.id, limits))
+
+
+@router.get("/tenants")
+def list_tenants(_: AdminDep, services: ServicesDep) -> ListOf[TenantOut]:
+    return ListOf(data=[_tenant_out(t) for t in services.store.list_tenants()])
+
+
+@router.get("/tenants/{tenant}")
+def get_tenant(tenant: str, _: AdminDep, services: ServicesDep) -> TenantOut:
+    return _tenant_out(services.store.require_tenant(check_name(tenant, "tenant")))
+
+
+@router.patch("/tenants/{tenant}")
+async def update_tenant(tenant: str, body: TenantUpdate, admin: AdminDep, services: ServicesDep) -> TenantOut:
+    async with audited(services, admin, "tenant.update", tenant):
+        changes = {}
+        if "default_adapter" in body.model_fields_set:
+            changes["default_adapter"] = body.default_adapter
+        if body.limits is not None:
+            changes["limits"] = body.limits.model_dump(exclude_none=True)
+        return _tenant_out(await run_in_threadpool(services.store.update_tenant, check_name(tenant, "tenant"),
+                                                   **changes))
+
+
+@router.delete("/tenants/{tenant}", status_code=204)
+async def delete_tenant(tenant: str, admin: AdminDep, services: ServicesDep) -> None:
+    async with audited(services, admin, "tenant.delete", tenant):
+        # Its jobs are cancelled first: none is claimed meanwhile, and a running one's worker stops it
+        # (a worker also copes when the job's row vanishes with the tenant).
+        await run_in_threadpool(services.jobs.cancel_tenant_jobs, check_name(tenant, "tenant"))
+        await lifecycle.delete_tenant(services, tenant)
+
+
+# Keys
+
+
+@router.post("/tenants/{tenant}/keys", status_code=201)
+async def create_key(tenant: str, admin: AdminDep, services: ServicesDep) -> KeyOut:
+    """Make a key for the tenant; the response is the only place its secret ever appears."""
+    async with audited(services, admin, "key.create", tenant):
+        key_id, secret = await run_in_threadpool(services.store.create_key, check_name(tenant, "tenant"))
+    return KeyOut(id=key_id, tenant=tenant, key=secret)
+
+
+@router.get("/tenants/{tenant}/keys")
+def list_keys(tenant: str, _: AdminDep, services: ServicesDep) -> ListOf[KeyOut]:
+    keys = services.store.list_keys(check_name(tenant, "tenant"))
+    return ListOf(data=[KeyOut(id=k.id, tenant=tenant, created_at=k.created_at, revoked_at=k.revoked_at)
+                        for k in keys])
+
+
+@router.delete("/tenants/{tenant}/keys/{key_id}", status_code=204)
+async def revoke_key(tenant: str, key_id: str, admin: AdminDep, services: ServicesDep) -> None:
+    async with audited(services, admin, "key.revoke", f"{tenant}/{key_id[:32]}"):
+        await run_in_threadpool(services.store.revoke_key, check_name(tenant, "tenant"), key_id)
+
+
+# Adapters
+
+
+def _adapter_out(services: Services, tenant: str, name: str, with_manifests: bool = False) -> AdapterOut:
+    adapter = services.store.get_adapter(tenant, name)
+    if adapter is None:
+        raise Missing(f"adapter '{name}' does not exist")
+    return _describe(services, adapter, with_manifests)
+
+
+def _describe(services: Services, adapter: AdapterView, with_manifests: bool = False) -> AdapterOut:
+    tenant, name = adapter.tenant_id, adapter.name
+    versions = [
+        VersionOut(version=v.version, active=v.version == adapter.active_version, rank=v.rank,
+                   size_bytes=v.size_bytes, source=v.source, created_at=v.created_at,
+                   manifest=services.registry.manifest(tenant, name, v.version) if with_manifests else None)
+        for v in adapter.version_details
+    ]
+    return AdapterOut(tenant=tenant, name=name, model=name, active_version=adapter.active_version, versions=versions)
+
+
+@router.post("/tenants/{tenant}/adapters", status_code=201)
+async def upload_adapter(
+    tenant: str,
+    admin: AdminDep,
+    services: ServicesDep,
+    name: Annotated[str, Form(max_length=200)],
+    archive: Annotated[UploadFile | None, File(description="The adapter as .tar.gz or .zip")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="adapter_config.json, adapter_model.safetensors")]
+    = None,
+) -> AdapterOut:
+    """Validate and publish a new immutable version, load it on the engine, then make it active."""
+    async with audited(services, admin, "adapter.upload", f"{tenant}/{name[:63]}"):
+        check_name(tenant, "tenant")
+        check_name(name, "adapter")
+        try:
+            await run_in_threadpool(services.store.require_tenant, tenant)
+            with staged_upload(services.settings, services.registry.staging, archive, files) as folder:
+                try:
+                    await lifecycle.publish(services, folder, tenant, name, origin="upload")
+                except OverQuota as exc:
+                    raise quota_error(exc) from exc
+        except Exception as exc:
+            error = as_api_error(exc)
+            services.metrics.upload(False, (error.code or error.reason) if error else "internal")
+            raise
+        services.metrics.upload(True)
+    return await run_in_threadpool(_adapter_out, services, tenant, name)
+
+
+@router.get("/tenants/{tenant}/adapters")
+def list_adapters(tenant: str, _: AdminDep, services: ServicesDep) -> ListOf[AdapterOut]:
+    services.store.require_tenant(check_name(tenant, "tenant"))
+    return ListOf(data=[_describe(services, a) for a in services.store.list_adapters(tenant)])
+
+
+@router.get("/tenants/{tenant}/adapters/{name}")
+def get_adapter(tenant: str, name: str, _: AdminDep, services: ServicesDep) -> AdapterOut:
+    return _adapter_out(services, check_name(tenant, "tenant"), check_name(name, "adapter"), with_manifests=True)
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/activate")
+async def activate_adapter(
+    tenant: str, name: str, body: ActivateRequest, admin: AdminDep, services: ServicesDep
+) -> AdapterOut:
+    async with audited(services, admin, "adapter.activate", f"{tenant}/{name}@{body.version}"):
+        await lifecycle.activate(services, check_name(tenant, "tenant"), check_name(name, "adapter"), body.version)
+    return await run_in_threadpool(_adapter_out, services, tenant, name)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}", status_code=204)
+async def delete_adapter(tenant: str, name: str, admin: AdminDep, services: ServicesDep) -> None:
+    async with audited(services, admin, "adapter.delete", f"{tenant}/{name}"):
+        await lifecycle.delete_adapter(services, check_name(tenant, "tenant"), check_name(name, "adapter"))
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}", status_code=204)
+async def delete_version(tenant: str, name: str, version: int, admin: AdminDep, services: ServicesDep) -> None:
+    async with audited(services, admin, "adapter.delete_version", f"{tenant}/{name}@{version}"):
+        await lifecycle.delete_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"), version)
+
+
+# Audit
+
+
+@router.get("/audit")
+def audit_log(
+    _: AdminDep, services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1, description="Only records older than this id.")] = None,
+) -> ListOf[AuditOut]:
+    records = services.store.audit_log(limit, before)
+    return ListOf(data=[AuditOut.model_validate(r, from_attributes=True) for r in records])

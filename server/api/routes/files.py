@@ -1,0 +1,38 @@
+"""OpenAI Files API, tenant-scoped: training data for fine-tuning jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from server.api.deps import JobsDep, ServicesDep, TenantDep
+from server.finetuning import training
+from server.wire.fine_tuning import FileDeleted, FileList, FileObject
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("")
+def upload_file(
+    tenant: TenantDep, services: ServicesDep, jobs: JobsDep,
+    file: Annotated[UploadFile, File(description="JSONL in OpenAI's chat fine-tuning format")],
+    purpose: Annotated[str, Form(max_length=32)],
+) -> FileObject:
+    return FileObject.of(training.store_file(services.settings, jobs, tenant, file, purpose))
+
+
+@router.get("")
+def list_files(tenant: TenantDep, jobs: JobsDep) -> FileList:
+    return FileList(data=[FileObject.of(f) for f in jobs.list_files(tenant.id)])
+
+
+@router.get("/{file_id}")
+def get_file(file_id: str, tenant: TenantDep, jobs: JobsDep) -> FileObject:
+    return FileObject.of(jobs.get_file(tenant.id, file_id))
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, tenant: TenantDep, services: ServicesDep, jobs: JobsDep) -> FileDeleted:
+    training.delete_file(services.settings, jobs, tenant, file_id)
+    return FileDeleted(id=file_id)

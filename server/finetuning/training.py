@@ -1,0 +1,183 @@
+"""Training files and fine-tuning jobs for a tenant: store a file, create a job, describe it to the worker.
+
+A job's data is checked when it is created (status `validating_files`): a malformed file ends the job
+`failed` at once, with the offending lines named. The worker does the rest (see `server.finetuning.worker`).
+Each tenant stores at most `tenant_max_files` files of `tenant_max_file_bytes` bytes together, and has at
+most `tenant_max_active_jobs` jobs validating, queued or running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from fastapi import UploadFile
+
+from adapters.names import InvalidName, check_name
+from adapters.train.data import DataError, count_conversations
+from server.config import Settings
+from server.errors import BadRequest, Conflict, ModelNotFound, PayloadTooLarge, RateLimited
+from server.storage.db import Job
+from server.storage.jobstore import JobStore, OverQuota, new_id
+from server.storage.store import Tenant
+from server.wire.fine_tuning import JobCreate
+
+BASE_LEARNING_RATE = 1e-3
+DEFAULT_BATCH_SIZE = 4
+_CHUNK = 1 << 20
+JOB_RETRY_AFTER = 60  # seconds: a short fine-tuning job's length
+log = logging.getLogger("loraserve.training")
+
+
+def files_dir(settings: Settings, tenant_id: str) -> Path:
+    return settings.data_dir.resolve() / "files" / check_name(tenant_id, "tenant")
+
+
+def file_path(settings: Settings, tenant_id: str, file_id: str) -> Path:
+    return files_dir(settings, tenant_id) / file_id
+
+
+def store_file(settings: Settings, jobs: JobStore, tenant: Tenant, upload: UploadFile, purpose: str):
+    """Save an uploaded training file (written whole, then renamed into place) and record it, within the
+    tenant's quotas: files (409), their bytes and the size of one file (413)."""
+    if purpose != "fine-tune":
+        raise BadRequest("Only purpose 'fine-tune' is supported.", param="purpose")
+    count, used = jobs.file_usage(tenant.id)
+    if settings.tenant_max_files is not None and count >= settings.tenant_max_files:
+        raise _over_quota(OverQuota("files", settings.tenant_max_files))
+    room = settings.tenant_max_file_bytes - used if settings.tenant_max_file_bytes is not None else None
+    file_id = new_id("file")
+    target = file_path(settings, tenant.id, file_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            upload.file.seek(0)
+            for chunk in iter(lambda: upload.file.read(_CHUNK), b""):
+                size += len(chunk)
+                if size > settings.max_training_file_bytes:
+                    raise PayloadTooLarge(f"The file is larger than this server accepts "
+                                          f"({settings.max_training_file_bytes} bytes).", param="file")
+                if room is not None and size > room:
+                    raise _over_quota(OverQuota("file_bytes", settings.tenant_max_file_bytes))
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, target)
+        filename = (upload.filename or "upload.jsonl")[:255]
+        try:
+            return jobs.add_file(file_id, tenant.id, filename, purpose, size, max_files=settings.tenant_max_files,
+                                 max_bytes=settings.tenant_max_file_bytes)
+        except OverQuota as exc:  # another upload of the tenant's took the room meanwhile
+            raise _over_quota(exc) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        raise
+
+
+def delete_file(settings: Settings, jobs: JobStore, tenant: Tenant, file_id: str) -> None:
+    jobs.delete_file(tenant.id, file_id)
+    file_path(settings, tenant.id, file_id).unlink(missing_ok=True)
+
+
+def _over_quota(exc: OverQuota) -> Exception:
+    """The client's error for a passed quota: it must delete files, or wait for its jobs to finish."""
+    if exc.what == "files":
+        return Conflict(f"This account already stores the most files allowed ({exc.limit}); delete some first.",
+                        code="quota_exceeded", param="file")
+    if exc.what == "file_bytes":
+        return PayloadTooLarge(f"This file would take the account's stored files past the {exc.limit} bytes "
+                               "allowed; delete some first.", code="quota_exceeded", param="file")
+    return RateLimited(f"This account already has the most fine-tuning jobs allowed in progress ({exc.limit}); "
+                       "wait for one to finish or cancel one.", code="quota_exceeded", retry_after=JOB_RETRY_AFTER)
+
+
+def create_job(settings: Settings, jobs: JobStore, tenant: Tenant, body: JobCreate) -> Job:
+    if body.model not in {settings.served_model_name, settings.base_model_id}:
+        raise ModelNotFound(body.model)
+    files = {"training_file": body.training_file, "validation_file": body.validation_file}
+    paths = {}
+    for param, file_id in files.items():
+        if file_id is not None:
+            jobs.get_file(tenant.id, file_id)  # 404 for a missing or another tenant's file
+            paths[param] = file_path(settings, tenant.id, file_id)
+    suffix = body.suffix or f"ft-{secrets.token_hex(4)}"
+    try:
+        check_name(suffix, "adapter")
+    except InvalidName as exc:
+        raise BadRequest(str(exc), param="suffix", code="invalid_name") from exc
+    if suffix == "default":
+        raise BadRequest("The suffix 'default' is reserved.", param="suffix", code="invalid_name")
+
+    try:
+        job = jobs.create_job(
+            tenant_id=tenant.id, model=settings.served_model_name, training_file=body.training_file,
+            validation_file=body.validation_file, suffix=suffix, status="validating_files",
+            seed=body.seed if body.seed is not None else 0, hyperparameters={}, lora=_lora_settings(body),
+            max_active=settings.tenant_max_active_jobs,
+        )
+    except OverQuota as exc:
+        raise _over_quota(exc) from None
+    _validate(settings, jobs, job, body, paths)
+    return jobs.get_job(tenant.id, job.id)
+
+
+def _validate(settings: Settings, jobs: JobStore, job: Job, body: JobCreate, paths: dict[str, Path]) -> None:
+    """Check the job's files (streamed, one line in memory, at most max_training_file_bytes each) and move it
+    to `queued` or `failed`. Whatever happens, the job does not stay in `validating_files`."""
+    limit = settings.max_training_file_bytes
+    try:
+        examples = count_conversations(paths["training_file"], role="training file", max_bytes=limit)
+        if "validation_file" in paths:
+            count_conversations(paths["validation_file"], role="validation file", max_bytes=limit)
+    except DataError as exc:
+        param = "validation_file" if "validation file" in str(exc) else "training_file"
+        error = {"code": "invalid_training_file", "message": str(exc), "param": param}
+        jobs.set_status(job.id, "failed", error=error, event=str(exc), level="error")
+    except Exception:
+        log.exception("job %s: the files could not be checked", job.id)
+        message = "The training file could not be checked."
+        jobs.set_status(job.id, "failed", error={"code": "invalid_training_file", "message": message,
+                                                 "param": "training_file"}, event=message, level="error")
+    else:
+        jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(body, examples),
+                        event=f"Files validated: {examples} training examples. Job queued.")
+
+
+def _hyperparameters(body: JobCreate, examples: int) -> dict:
+    """OpenAI's hyperparameters with `auto` resolved: enough epochs for a small set to be learnt."""
+    hp = body.hyperparameters
+    epochs = hp.n_epochs if hp.n_epochs != "auto" else min(20, max(3, math.ceil(40 / max(1, examples))))
+    batch = hp.batch_size if hp.batch_size != "auto" else min(DEFAULT_BATCH_SIZE, examples)
+    multiplier = hp.learning_rate_multiplier if hp.learning_rate_multiplier != "auto" else 1.0
+    return {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier}
+
+
+def _lora_settings(body: JobCreate) -> dict:
+    fields = {"rank": body.lora_rank, "alpha": body.lora_alpha, "dropout": body.lora_dropout,
+              "target_modules": body.lora_target_modules, "use_rslora": body.use_rslora,
+              "loraplus_lr_ratio": body.loraplus_lr_ratio, "max_seq_len": body.max_seq_length,
+              "require_improvement": body.require_improvement}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def train_config(settings: Settings, job: Job, output_dir: Path) -> dict:
+    """The JSON the training program (`adapters.train.job`) takes for this job."""
+    hp = job.hyperparameters
+    config = {
+        "base_model": str(settings.model_path), "output_dir": str(output_dir),
+        "train_file": str(file_path(settings, job.tenant_id, job.training_file)),
+        "validation_file": str(file_path(settings, job.tenant_id, job.validation_file))
+        if job.validation_file else None,
+        "epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
+        "learning_rate": BASE_LEARNING_RATE * hp["learning_rate_multiplier"], "seed": job.seed, **job.lora,
+    }
+    if "target_modules" in config:
+        config["target_modules"] = list(config["target_modules"])
+    return config
