@@ -141,9 +141,28 @@ class Settings(BaseSettings):
     engine_max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
     engine_max_model_len: int = Field(2048, ge=16, description="Context window (--max-model-len).")
     engine_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="Share of memory for the KV cache (--gpu-memory-utilization)."
+        0.3, gt=0, le=1, description="Share of memory for the engine (--gpu-memory-utilization); sizes the KV cache "
+        "only when engine_kv_cache_bytes is 0.",
+    )
+    engine_kv_cache_bytes: int = Field(
+        1 << 30, ge=0, description="KV cache size in bytes (--kv-cache-memory-bytes; 1 GiB holds ~23k tokens of "
+        "SmolLM2). 0: what the memory share leaves, which vLLM's CPU worker works out from its NUMA node's total "
+        "and which fails to start on small nodes. Use 0 with a share of 0.9 on GPUs.",
     )
     engine_dtype: str = Field("float32", description="Weights dtype (--dtype); float32 on CPUs.")
+    engine_tool_call_parser: str = Field(
+        "hermes", max_length=64, description="vLLM's tool-call parser for the embedded engine (--tool-call-parser, "
+        "with --enable-auto-tool-choice); empty turns tool calling off. hermes fits ChatML models such as the "
+        "default SmolLM2, which are given a ChatML template with tools when their own has none.",
+    )
+    engine_tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="How far the engine constrains tool calls (--tool-strict-level): `parameter` makes "
+        "every call's arguments follow its schema, as if each tool were `strict`.",
+    )
+    engine_chat_template: Path | None = Field(
+        None, description="A chat template file for the embedded engine (--chat-template). Default: the model's "
+        "own, or this package's ChatML template with tools for a ChatML model whose own has no tools.",
+    )
     engine_extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More vLLM server flags, space-separated."
     )

@@ -33,25 +33,9 @@ ENGINE_START_TIMEOUT = 600
 UPLOAD_LIMIT = 32 << 20
 ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
-# RAM for each test engine: weights and activations (~1.6 GiB resident) plus ~1 GiB of KV cache (~20k tokens of
-# SmolLM2). vLLM's CPU worker sizes the KV cache as a share of its NUMA node's memory minus what it already holds,
-# so the share is worked out from that same node: a fixed 0.15 left no KV cache on a 10 GiB node and the engine
-# refused to start (CI "Available memory on node 0 ... less than requested memory for kv").
-ENGINE_MEMORY_BYTES = 2.7 * 2**30
-
-
-def node_memory_bytes() -> int:
-    """Total memory of NUMA node 0 as vLLM reads it, or the machine's where there is no node file."""
-    try:
-        for line in Path("/sys/devices/system/node/node0/meminfo").read_text().splitlines():
-            if line.split()[2] == "MemTotal:":
-                return int(line.split()[3]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-ENGINE_MEMORY_SHARE = round(min(0.6, max(0.15, ENGINE_MEMORY_BYTES / node_memory_bytes())), 3)
+# Each test engine holds ~1.6 GiB (weights, activations) plus the default 1 GiB of KV cache (~23k tokens of
+# SmolLM2), sized in bytes: vLLM's CPU worker would size it from a share of its NUMA node's memory, which left
+# none on CI's 10 GiB node ("Available memory on node 0 ... less than requested memory for kv").
 
 
 def free_port() -> int:
@@ -174,7 +158,7 @@ def gateway(tmp_path_factory, base_model_path) -> Iterator[Gateway]:
     settings = Settings(
         _env_file=None, data_dir=data, port=free_port(), engine_port=free_port(), engine_urls=[],
         base_model_path=base_model_path, admin_key=ADMIN_KEY, engine_max_loras=10, engine_max_lora_rank=16,
-        engine_read_timeout=ENGINE_READ_TIMEOUT, engine_memory_utilization=ENGINE_MEMORY_SHARE,
+        engine_read_timeout=ENGINE_READ_TIMEOUT,
         max_upload_bytes=UPLOAD_LIMIT, archive_max_files=8, archive_max_unpacked_bytes=UNPACKED_LIMIT,
     )
     with running_gateway(settings) as app:

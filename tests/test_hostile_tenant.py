@@ -261,6 +261,9 @@ def test_the_victim_is_served_the_same_answers_while_an_attacker_floods(gateway)
     assert answers == [alone] * 3
 
 
+HOG_TOKENS = 1000
+
+
 def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(gateway):
     """Alone, a tenant may run its whole limit. When another tenant arrives, the first one's newest
     non-streamed requests beyond its contended share (2) are preempted: aborted at the engine and run again
@@ -273,8 +276,10 @@ def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(g
     newcomer = new_tenant(gateway, "newcomer")
     limiter = gateway.services.limiter
     preemptions = Records("loraserve.limits")
-    body = {"model": gateway.settings.served_model_name, "prompt": "Once upon a time", "max_tokens": 64,
-            "min_tokens": 64, "temperature": 0}
+    # Long enough that all six still run when the newcomer comes, even on a fast machine (64 tokens each ended
+    # before the sixth had started on CI).
+    body = {"model": gateway.settings.served_model_name, "prompt": "Once upon a time", "max_tokens": HOG_TOKENS,
+            "min_tokens": HOG_TOKENS, "temperature": 0}
     with ThreadPoolExecutor(6) as pool:
         hogs = [pool.submit(httpx.post, f"{gateway.url}/v1/completions", json=body, timeout=600,
                             headers={"Authorization": f"Bearer {hog_key}"}) for _ in range(6)]
@@ -296,7 +301,7 @@ def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(g
     assert seen and seen[0] == 2, f"the hog ran {seen[:1]} sequences beside the newcomer"
     assert [r.status_code for r in replies] == [200] * 6, [r.text[:200] for r in replies]
     assert {r.json()["choices"][0]["text"] for r in replies} == {replies[0].json()["choices"][0]["text"]}
-    assert all(r.json()["usage"]["completion_tokens"] == 64 for r in replies)
+    assert all(r.json()["usage"]["completion_tokens"] == HOG_TOKENS for r in replies)
     assert sum(hog in line for line in preemptions.lines) == 4, preemptions.lines
 
 

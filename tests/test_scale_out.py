@@ -22,7 +22,6 @@ import pytest
 from server.config import Settings
 from tests.conftest import (
     ADMIN_KEY,
-    ENGINE_MEMORY_SHARE,
     ENGINE_START_TIMEOUT,
     REPO,
     free_port,
@@ -43,7 +42,7 @@ class Engine:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ, "LORASERVE_ENGINE_PORT": str(self.port), "LORASERVE_BASE_MODEL_PATH": str(base_model),
-            "LORASERVE_DATA_DIR": str(data), "LORASERVE_ENGINE_MEMORY_UTILIZATION": str(ENGINE_MEMORY_SHARE),
+            "LORASERVE_DATA_DIR": str(data),
             "LORASERVE_ENGINE_MAX_LORAS": "4",
         }
         self.process: subprocess.Popen | None = None

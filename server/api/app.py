@@ -84,6 +84,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = first.get("msg", "Invalid request.")
         if first.get("type") == "json_invalid":
             message, param = "The request body is not valid JSON.", None
+        elif first.get("type") == "extra_forbidden":
+            message = f"{param}: this server does not accept this field."
         elif param:
             message = f"{param}: {message}"
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from server.config import Settings
+from server.engine.chat_template import engine_tool_args
 
 log = logging.getLogger("loraserve.supervisor")
 
@@ -31,11 +32,13 @@ def engine_command(settings: Settings) -> list[str]:
         "--dtype", settings.engine_dtype,
         "--max-model-len", str(settings.engine_max_model_len),
         "--gpu-memory-utilization", str(settings.engine_memory_utilization),
+        *(["--kv-cache-memory-bytes", str(settings.engine_kv_cache_bytes)] if settings.engine_kv_cache_bytes else []),
         "--enable-lora",
         "--max-loras", str(settings.engine_max_loras),
         "--max-lora-rank", str(settings.engine_max_lora_rank),
         "--max-cpu-loras", str(settings.engine_max_cpu_loras),
         "--enforce-eager",
+        *engine_tool_args(settings),
         *settings.engine_extra_args,
     ]
 

@@ -103,9 +103,9 @@ class RequestRecorder:
 
     def usage(self, usage: dict) -> None:
         """The engine's `usage` so far (cumulative: streams report it on every chunk)."""
-        self._usage_seen = True
-        self.prompt_tokens = usage.get("prompt_tokens") or 0
-        self.completion_tokens = usage.get("completion_tokens") or 0
+        self._usage_seen = True  # chat and completions name them prompt/completion, responses input/output
+        self.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+        self.completion_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
 
     def finished(self, status: int, *, usage_unknown: bool = False) -> None:
         """The request is over: count it once, and charge the tokens used. `usage_unknown`: the engine

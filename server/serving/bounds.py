@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
+from server.engine.chat_template import tools_enabled
 from server.errors import BadRequest
 from server.wire.openai import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.wire.responses import ResponsesRequest
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +25,22 @@ log = logging.getLogger(__name__)
 MEDIA_CONFIG = {"image_url": "vision_config", "input_audio": "audio_config"}
 
 
-def check_request_bounds(settings: Settings, body: GenerationRequest) -> None:
+def check_request_bounds(settings: Settings, body: GenerationRequest | ResponsesRequest) -> None:
     """Raise BadRequest when `body` asks for more than this server and its base model can do."""
     config = model_config(settings.model_path)
     vocab = vocab_size(config)
     if isinstance(body, CompletionRequest):
         _check_prompts(settings, body, vocab)
-    if body.logit_bias and vocab is not None:
-        for key in body.logit_bias:
-            if int(key) >= vocab:
-                raise BadRequest(f"logit_bias: token id {key} is outside the vocabulary (0 to {vocab - 1}).",
-                                 param="logit_bias", code="invalid_value")
+    if vocab is not None:
+        for field, ids in (("logit_bias", list(map(int, getattr(body, "logit_bias", None) or ()))),
+                           ("stop_token_ids", body.stop_token_ids), ("allowed_token_ids", body.allowed_token_ids)):
+            highest = max(ids or (), default=-1)
+            if highest >= vocab:
+                raise BadRequest(f"{field}: token id {highest} is outside the vocabulary (0 to {vocab - 1}).",
+                                 param=field, code="invalid_value")
     if isinstance(body, ChatCompletionRequest):
         _check_parts(body, config)
+    if isinstance(body, ChatCompletionRequest | ResponsesRequest):
         _check_tools(settings, body)
 
 
@@ -72,7 +77,7 @@ def _check_parts(body: ChatCompletionRequest, config: dict[str, Any]) -> None:
                                  code="unsupported_value")
 
 
-def _check_tools(settings: Settings, body: ChatCompletionRequest) -> None:
+def _check_tools(settings: Settings, body: ChatCompletionRequest | ResponsesRequest) -> None:
     # vLLM treats tools without tool_choice as "auto"; every choice but "none" needs its tool parser.
     if body.tools and body.tool_choice != "none" and not engine_parses_tools(settings):
         raise BadRequest('tool_choice: this server\'s model cannot call tools; send tool_choice "none" to only '
@@ -83,7 +88,8 @@ def engine_parses_tools(settings: Settings) -> bool:
     """Whether the engine can turn output into tool calls. Engines started elsewhere may: they decide."""
     if not settings.embedded_engine:
         return True
-    return any(arg.split("=")[0] == "--tool-call-parser" for arg in settings.engine_extra_args)
+    return tools_enabled(settings) or any(arg.split("=")[0] == "--tool-call-parser"
+                                          for arg in settings.engine_extra_args)
 
 
 def vocab_size(config: dict[str, Any]) -> int | None:

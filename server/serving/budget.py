@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from server.errors import BadRequest
 from server.wire.openai import GenerationRequest
+from server.wire.responses import ResponsesRequest
 
 # Characters per token in the estimate: byte-level BPE vocabularies average 3.5-4.5 for English, fewer for
 # other scripts; a smaller divisor reserves more. The engine's count replaces it when the request ends.
@@ -26,12 +27,11 @@ class Cost:
     reserved_tokens: int  # prompt + completion cap x sequences
 
 
-def estimate_prompt_tokens(body: GenerationRequest) -> int:
+def estimate_prompt_tokens(body: GenerationRequest | ResponsesRequest) -> int:
     """An estimate of the prompt's tokens, from its text (token-id prompts are counted exactly)."""
     messages = getattr(body, "messages", None)
     if messages is not None:
-        dumped = [m.model_dump(exclude_none=True) for m in messages]
-        chars = _characters(dumped) + _characters(getattr(body, "tools", None))
+        chars = _characters(messages) + _characters(getattr(body, "tools", None))
         return chars // _CHARS_PER_TOKEN + _TOKENS_PER_MESSAGE * len(messages) + 1
     prompt = getattr(body, "prompt", "")
     if isinstance(prompt, str):
@@ -55,7 +55,7 @@ def _characters(value) -> int:
     return len(str(value))
 
 
-def plan_cost(body: GenerationRequest, *, context_window: int, token_budget: int | None) -> Cost:
+def plan_cost(body: GenerationRequest | ResponsesRequest, *, context_window: int, token_budget: int | None) -> Cost:
     """The request's sequences and its reservation against `token_budget` (tokens per minute, or None).
 
     A request that does not say `max_tokens` may run to the end of the context window; with a token budget
@@ -76,8 +76,12 @@ def plan_cost(body: GenerationRequest, *, context_window: int, token_budget: int
         cap = (token_budget - prompt) // sequences
         if cap < 1:
             raise BadRequest(f"The prompt alone is over this tenant's {token_budget} tokens per minute.",
-                             param="messages" if hasattr(body, "messages") else "prompt",
+                             param=prompt_field(body),
                              code="tokens_exceed_limit")
-        body.max_tokens = cap
+        body.cap_tokens(cap)
         reserved = prompt + cap * sequences
     return Cost(sequences, prompt, reserved)
+
+
+def prompt_field(body: GenerationRequest | ResponsesRequest) -> str:
+    return "input" if isinstance(body, ResponsesRequest) else "messages" if hasattr(body, "messages") else "prompt"

@@ -37,6 +37,7 @@ from server.wire.openai import GenerationRequest
 
 log = logging.getLogger("loraserve.relay")
 
+_RESPONSE_ENDS = {"response.completed": 200, "response.incomplete": 200, "response.failed": 503}
 _ENGINE_STATUS = {400: BadRequest, 404: NotFound, 413: PayloadTooLarge, 422: Unprocessable, 429: RateLimited}
 
 
@@ -144,7 +145,8 @@ async def _stream(
         finally:
             await response.aclose()
             release()
-    relay = _StreamRelay(response, route, request, recorder, release)
+    relay_class = _ResponsesStreamRelay if endpoint == "/v1/responses" else _StreamRelay
+    relay = relay_class(response, route, request, recorder, release)
     # The background task also runs when the client left before the first byte was sent.
     return StreamingResponse(
         relay.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
@@ -184,11 +186,14 @@ class _StreamRelay:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    # The answer is whole: a client that hangs up now, before the engine's connection
+                    # ends, was served (it is not a 499).
+                    self.status = self.status or 200
                     yield b"data: [DONE]\n\n"
                     continue
                 event = self._rewrite(json.loads(data))
                 if event is not None:
-                    yield _sse(event)
+                    yield self._encode(event)
             self.status = self.status or 200
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             self.status = 503
@@ -228,10 +233,43 @@ class _StreamRelay:
         self.recorder.usage({"prompt_tokens": sum(self._prompt.values()),
                              "completion_tokens": sum(self._completion.values())})
 
+    def _encode(self, event: dict) -> bytes:
+        return _sse(event)
+
     async def finish(self) -> None:
         await self.response.aclose()  # closing the connection makes vLLM abort an unfinished request
         self.release()
         self.recorder.finished(self.status or 499)
+
+
+class _ResponsesStreamRelay(_StreamRelay):
+    """A Responses API stream: typed events (`event:` names each), the model inside the `response` object of
+    the lifecycle events, usage only in the last one. Until then each text delta counts as one token, so a
+    client that hangs up is charged for about what it was sent."""
+
+    def _rewrite(self, event: dict) -> dict | None:
+        kind = event.get("type")
+        if kind == "error" or (kind is None and "error" in event):
+            self.status = 503
+            log.error("engine error event for %s: %s", self.route.engine_model, str(event)[:500])
+            return _broken_stream()
+        if kind == "response.output_text.delta" or kind == "response.function_call_arguments.delta":
+            self.recorder.first_token()
+            self._completion[0] = self._completion.get(0, 0) + 1
+            self.recorder.usage({"prompt_tokens": self.recorder.prompt_estimate,
+                                 "completion_tokens": self._completion[0]})
+        response = event.get("response")
+        if isinstance(response, dict):
+            response["model"] = self.route.requested
+            if kind in _RESPONSE_ENDS:
+                self.status = _RESPONSE_ENDS[kind]
+                if response.get("usage"):
+                    self.recorder.usage(response["usage"])
+        return event
+
+    def _encode(self, event: dict) -> bytes:
+        name = str(event.get("type", "message")).encode()
+        return b"event: " + name + b"\n" + _sse(event)
 
 
 def _broken_stream() -> dict:

@@ -1,8 +1,8 @@
 """Request and response models of the OpenAI-compatible API and the error shape.
 
-Generation requests take an allowlist of OpenAI's sampling fields (plus vLLM's common ones: top_k, min_p,
-repetition_penalty, min_tokens), each bounded. Anything else is refused with a 400 naming the field,
-because fields such as chat templates, their arguments or guided-decoding back-ends reach the engine's
+Generation requests take an allowlist of OpenAI's sampling fields, plus vLLM's documented sampling extras and
+OpenAI's platform fields (`server.wire.request_fields`), each bounded. Anything else is refused with a 400 naming
+the field, because fields such as chat templates, their arguments or guided-decoding back-ends reach the engine's
 internals, and the engine trusts what it is given.
 """
 
@@ -19,6 +19,7 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from server.wire.chat import (
@@ -33,6 +34,7 @@ from server.wire.chat import (
     invalid_value,
     json_size,
 )
+from server.wire.request_fields import DROPPED_FIELDS, PlatformFields, VllmSampling, legacy_functions_as_tools
 
 T = TypeVar("T")
 
@@ -52,13 +54,15 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
+    # OpenAI pads its stream events against length side channels; accepted and not passed on.
+    include_obfuscation: bool | None = Field(None, exclude=True)
 
 
 Stop = Annotated[str, Field(max_length=256)]
 TokenIdText = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # a logit_bias key; below the vocabulary size too
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(PlatformFields, VllmSampling):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
@@ -82,7 +86,7 @@ class GenerationRequest(BaseModel):
         """The body for the engine: the client's, with our model name and the tenant's prefix-cache salt,
         and usage reported on every chunk of a stream (the gateway charges what was produced even when the
         client hangs up; the relay drops what the client did not ask for)."""
-        payload = self.model_dump(exclude_unset=True, exclude_none=True)
+        payload = self.model_dump(exclude_unset=True, exclude_none=True, by_alias=True, exclude=DROPPED_FIELDS)
         payload["model"] = engine_model
         payload["cache_salt"] = cache_salt
         if self.stream:
@@ -106,9 +110,14 @@ class GenerationRequest(BaseModel):
     def requested_tokens(self) -> int | None:
         return self.max_tokens
 
+    def cap_tokens(self, cap: int) -> None:
+        """Set the completion cap of a request that gave none."""
+        self.max_tokens = cap
+
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    _legacy = model_validator(mode="before")(legacy_functions_as_tools)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -173,6 +182,23 @@ class CompletionRequest(GenerationRequest):
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=8)
+    suffix: str | None = Field(None, max_length=65536)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of > (info.data.get("n") or 1):
+            raise invalid_value("best_of above n is not supported: the engine returns every sequence it samples; "
+                                "ask for n sequences and pick")
+        return best_of  # dropped: best_of equal to n is what the engine does anyway
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_insertion(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise invalid_value("inserting text before a suffix is not supported by this server's model")
+        return None
 
     @property
     def prompt_count(self) -> int:

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from server.api.deps import ServicesDep, TenantDep
-from server.errors import BadRequest, as_api_error
+from server.errors import BadRequest, NotFound, as_api_error
 from server.observability.metrics import RequestRecorder
 from server.services import Services
 from server.serving.bounds import check_request_bounds
@@ -18,6 +18,7 @@ from server.serving.relay import forward
 from server.serving.tenancy import resolve_model
 from server.storage.store import Tenant
 from server.wire.openai import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
+from server.wire.responses import ResponsesRequest
 from server.wire.timestamps import epoch
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -48,8 +49,19 @@ async def completions(body: CompletionRequest, tenant: TenantDep, services: Serv
     return await _generate(services, tenant, request, "/v1/completions", body)
 
 
+@router.post("/responses")
+async def responses(body: ResponsesRequest, tenant: TenantDep, services: ServicesDep, request: Request) -> Response:
+    return await _generate(services, tenant, request, "/v1/responses", body)
+
+
+@router.get("/responses/{response_id}")
+def get_response(response_id: str, tenant: TenantDep) -> Response:
+    raise NotFound("Responses are not stored on this server (store is treated as false); keep the answer you got.",
+                   param="response_id", code="response_not_found")
+
+
 async def _generate(
-    services: Services, tenant: Tenant, request: Request, endpoint: str, body: GenerationRequest
+    services: Services, tenant: Tenant, request: Request, endpoint: str, body: GenerationRequest | ResponsesRequest
 ) -> Response:
     started = getattr(request.state, "started", None) or time.perf_counter()
     recorder = RequestRecorder(services.metrics, started, tenant.id, endpoint)
@@ -84,7 +96,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _apply_max_tokens(body: GenerationRequest, limit: int | None) -> None:
+def _apply_max_tokens(body: GenerationRequest | ResponsesRequest, limit: int | None) -> None:
     """Hold the request to the tenant's `max_tokens`: refuse a larger ask, cap an open one."""
     if limit is None:
         return
@@ -93,4 +105,4 @@ def _apply_max_tokens(body: GenerationRequest, limit: int | None) -> None:
         raise BadRequest(f"max_tokens is {asked}, above this tenant's limit of {limit}.", param="max_tokens",
                          code="max_tokens_exceeded")
     if asked is None:
-        body.max_tokens = limit
+        body.cap_tokens(limit)
