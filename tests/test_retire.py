@@ -21,8 +21,10 @@ from tests.adapter_files import write_adapter
 from tests.base_files import write_fake_base
 from tests.conftest import make_peft_adapter
 from tests.test_admin import new_tenant, upload_files
+from tests.test_hostile_tenant import engine_counter
 
 PROMPT = [{"role": "user", "content": "Write a long story about the sea."}]
+STREAM_TOKENS = 1000
 
 
 def test_deleting_a_version_lets_its_running_stream_finish_and_removes_its_files_afterwards(
@@ -35,8 +37,10 @@ def test_deleting_a_version_lets_its_running_stream_finish_and_removes_its_files
     assert upload_files(gateway, "omicron", "writer", source).status_code == 201
     folder = gateway.settings.registry_path / "omicron" / "writer" / "1"
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "writer", "messages": PROMPT, "max_tokens": 300, "min_tokens": 300, "stream": True,
-            "temperature": 0}
+    # Long enough that the engine is still generating when the files are checked: the gateway relays into
+    # socket buffers that hold a whole short stream, so a short one can end on the engine before the delete.
+    body = {"model": "writer", "messages": PROMPT, "max_tokens": STREAM_TOKENS, "min_tokens": STREAM_TOKENS,
+            "stream": True, "temperature": 0}
 
     with httpx.Client(timeout=120) as client, client.stream(
             "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as response:
@@ -48,6 +52,8 @@ def test_deleting_a_version_lets_its_running_stream_finish_and_removes_its_files
                              json={"model": "writer", "messages": PROMPT, "max_tokens": 4})
         assert refused.status_code == 404, "the deleted name still answered"
         assert (folder / "adapter_model.safetensors").exists(), "files removed under a running stream"
+        assert engine_counter(gateway, "vllm:num_requests_running") >= 1, (
+            "the stream had ended on the engine before the check, which then proved nothing: raise STREAM_TOKENS")
         events += list(lines)
 
     assert events[-1] == "data: [DONE]"
