@@ -1,4 +1,4 @@
-"""The database tables (SQLAlchemy 2 declarative). Queries live in `server.storage.store`.
+"""The database tables (SQLAlchemy 2 declarative). Queries live in `store`, `adapter_records` and `jobstore`.
 
 Every change here needs a migration in `server/storage/migrations/versions/` (the tests compare the two).
 """

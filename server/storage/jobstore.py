@@ -32,8 +32,10 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from server.errors import Missing
+from server.storage.connection import ROW_LOCK, has_nul, storable
 from server.storage.db import Adapter, AdapterVersion, Job, JobEvent, StoredFile, Tenant, utcnow
-from server.storage.store import ROW_LOCK, Missing, Store, has_nul, storable
+from server.storage.store import Store
 
 FINISHED = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
