@@ -136,8 +136,8 @@ def cmd_model_prepare(settings: Settings, _args) -> None:
 
 def cmd_db_upgrade(settings: Settings, _args) -> None:
     """Alembic's upgrade to the newest revision, under the same lock gateways take when they start."""
-    from server.storage.migrations import head
     from server.storage.connection import database_url
+    from server.storage.migrations import head
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     revision = Store(settings.db_url).create_schema()

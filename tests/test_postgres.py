@@ -127,7 +127,7 @@ def test_store_on_postgres(postgres_url):
     with pytest.raises(Missing):
         JobStore(store).get_job("acme", "ftjob-\x00")
     store.audit("admin\x00", "key.revoke", "acme/\x00", "not_found", "detail\x00")
-    assert store.audit_log(1)[0].object == "acme/\ufffd"
+    assert store.audit_log(1)[0][0].object == "acme/\ufffd"
     store.revoke_key("acme", key_id)
     assert store.identify(secret) is None
     created = store.list_keys("acme")[0].created_at

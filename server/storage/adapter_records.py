@@ -18,6 +18,7 @@ from server.errors import Missing
 from server.errors import StateConflict as Conflict
 from server.storage.connection import ROW_LOCK, has_nul
 from server.storage.db import Adapter, AdapterVersion, Tenant, VersionSequence
+from server.storage.paging import keyset_page
 
 
 class OverQuota(Conflict):
@@ -178,6 +179,13 @@ class AdapterRecords:
         with self.session() as s:
             rows = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.name))
             return [_view(a) for a in rows]
+
+    def adapter_page(self, tenant_id: str, limit: int, after: str | None = None) -> tuple[list[AdapterView], bool]:
+        """A page of the tenant's adapters by name, after the name `after`."""
+        with self.session() as s:
+            rows, more = keyset_page(s, select(Adapter).where(Adapter.tenant_id == tenant_id), (Adapter.name,),
+                                     limit=limit, after=None if after is None else (after,))
+            return [_view(a) for a in rows], more
 
     def activate(self, tenant_id: str, name: str, version: int) -> int | None:
         """Make `version` the active one; returns the version that was active before. A `refused` version

@@ -27,6 +27,7 @@ from server.errors import StateConflict as Conflict
 from server.storage.adapter_records import AdapterRecords, AdapterView, OverQuota, VersionView
 from server.storage.connection import ROW_LOCK, build_engine, database_url, has_nul, storable
 from server.storage.db import Adapter, ApiKey, AuditRecord, Tenant, utcnow
+from server.storage.paging import keyset_page
 
 # Re-exported: callers import these from here, as they did before the adapter methods moved out.
 __all__ = ["ROW_LOCK", "AdapterView", "Conflict", "KeyIdentity", "Missing", "OverQuota", "Store", "Tenant",
@@ -96,6 +97,12 @@ class Store(AdapterRecords):
         with self.session() as s:
             return list(s.scalars(select(Tenant).order_by(Tenant.id)))
 
+    def tenant_page(self, limit: int, after: str | None = None) -> tuple[list[Tenant], bool]:
+        """A page of tenants by id, after the id `after`."""
+        with self.session() as s:
+            return keyset_page(s, select(Tenant), (Tenant.id,), limit=limit,
+                               after=None if after is None else (after,))
+
     def update_tenant(self, tenant_id: str, **changes) -> Tenant:
         """Change `default_adapter` (None for the base model) and/or `limits`."""
         with self.session() as s:
@@ -139,6 +146,19 @@ class Store(AdapterRecords):
             self._tenant(s, tenant_id)
             return list(s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
 
+    def key_page(self, tenant_id: str, limit: int, after: str | None = None) -> tuple[list[ApiKey], bool]:
+        """A page of the tenant's keys, oldest first, after the key `after` (Missing: not one of its keys)."""
+        with self.session() as s:
+            self._tenant(s, tenant_id)
+            cursor = None
+            if after is not None:
+                anchor = None if has_nul(after) else s.get(ApiKey, after)
+                if anchor is None or anchor.tenant_id != tenant_id:
+                    raise Missing(f"after: this tenant has no key '{after[:64]}'.")
+                cursor = (anchor.created_at, anchor.id)
+            return keyset_page(s, select(ApiKey).where(ApiKey.tenant_id == tenant_id),
+                               (ApiKey.created_at, ApiKey.id), limit=limit, after=cursor)
+
     def revoke_key(self, tenant_id: str, key_id: str) -> None:
         if has_nul(key_id):
             raise Missing(f"key '{key_id}' does not exist")
@@ -176,12 +196,11 @@ class Store(AdapterRecords):
             s.add(AuditRecord(actor=storable(actor)[:32], action=storable(action)[:64], object=storable(obj)[:256],
                               result=storable(result)[:64], detail=detail and storable(detail)[:2000]))
 
-    def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[AuditRecord]:
+    def audit_log(self, limit: int = 100, before_id: int | None = None) -> tuple[list[AuditRecord], bool]:
+        """A page of the audit log, newest first, older than the record `before_id`; and whether more follow."""
         with self.session() as s:
-            stmt = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
-            if before_id is not None:
-                stmt = stmt.where(AuditRecord.id < before_id)
-            return list(s.scalars(stmt))
+            return keyset_page(s, select(AuditRecord), (AuditRecord.id,), limit=limit, descending=True,
+                               after=None if before_id is None else (before_id,))
 
     # Helpers
     @staticmethod

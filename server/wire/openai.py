@@ -9,7 +9,7 @@ internals, and the engine trusts what it is given.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -35,8 +35,6 @@ from server.wire.chat import (
     json_size,
 )
 from server.wire.request_fields import DROPPED_FIELDS, PlatformFields, VllmSampling, legacy_functions_as_tools
-
-T = TypeVar("T")
 
 
 class ErrorDetail(BaseModel):
@@ -300,7 +298,3 @@ class AuditOut(BaseModel):
     result: str
     detail: str | None
 
-
-class ListOf(BaseModel, Generic[T]):
-    object: Literal["list"] = "list"
-    data: list[T]

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters.names import check_name
 from server.api.deps import AdminDep, ServicesDep
+from server.api.paging import AdminLimit, After
 from server.errors import as_api_error
 from server.publishing import lifecycle
 from server.publishing.uploads import quota_error, staged_upload
@@ -23,13 +24,13 @@ from server.wire.openai import (
     AdapterOut,
     AuditOut,
     KeyOut,
-    ListOf,
     TenantCreate,
     TenantLimits,
     TenantOut,
     TenantUpdate,
     VersionOut,
 )
+from server.wire.pages import Page
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -63,8 +64,9 @@ async def create_tenant(body: TenantCreate, admin: AdminDep, services: ServicesD
 
 
 @router.get("/tenants")
-def list_tenants(_: AdminDep, services: ServicesDep) -> ListOf[TenantOut]:
-    return ListOf(data=[_tenant_out(t) for t in services.store.list_tenants()])
+def list_tenants(_: AdminDep, services: ServicesDep, limit: AdminLimit = 100, after: After = None) -> Page[TenantOut]:
+    tenants, more = services.store.tenant_page(limit, after)
+    return Page.of([_tenant_out(t) for t in tenants], more)
 
 
 @router.get("/tenants/{tenant}")
@@ -105,10 +107,11 @@ async def create_key(tenant: str, admin: AdminDep, services: ServicesDep) -> Key
 
 
 @router.get("/tenants/{tenant}/keys")
-def list_keys(tenant: str, _: AdminDep, services: ServicesDep) -> ListOf[KeyOut]:
-    keys = services.store.list_keys(check_name(tenant, "tenant"))
-    return ListOf(data=[KeyOut(id=k.id, tenant=tenant, created_at=k.created_at, revoked_at=k.revoked_at)
-                        for k in keys])
+def list_keys(tenant: str, _: AdminDep, services: ServicesDep, limit: AdminLimit = 100,
+              after: After = None) -> Page[KeyOut]:
+    keys, more = services.store.key_page(check_name(tenant, "tenant"), limit, after)
+    return Page.of([KeyOut(id=k.id, tenant=tenant, created_at=k.created_at, revoked_at=k.revoked_at)
+                    for k in keys], more)
 
 
 @router.delete("/tenants/{tenant}/keys/{key_id}", status_code=204)
@@ -168,9 +171,11 @@ async def upload_adapter(
 
 
 @router.get("/tenants/{tenant}/adapters")
-def list_adapters(tenant: str, _: AdminDep, services: ServicesDep) -> ListOf[AdapterOut]:
+def list_adapters(tenant: str, _: AdminDep, services: ServicesDep, limit: AdminLimit = 100,
+                  after: After = None) -> Page[AdapterOut]:
     services.store.require_tenant(check_name(tenant, "tenant"))
-    return ListOf(data=[_describe(services, a) for a in services.store.list_adapters(tenant)])
+    adapters, more = services.store.adapter_page(tenant, limit, after)
+    return Page.of([_describe(services, a) for a in adapters], more, id_of=lambda adapter: adapter.name)
 
 
 @router.get("/tenants/{tenant}/adapters/{name}")
@@ -205,8 +210,10 @@ async def delete_version(tenant: str, name: str, version: int, admin: AdminDep, 
 @router.get("/audit")
 def audit_log(
     _: AdminDep, services: ServicesDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: AdminLimit = 100,
     before: Annotated[int | None, Query(ge=1, description="Only records older than this id.")] = None,
-) -> ListOf[AuditOut]:
-    records = services.store.audit_log(limit, before)
-    return ListOf(data=[AuditOut.model_validate(r, from_attributes=True) for r in records])
+    after: Annotated[int | None, Query(ge=1, description="The id of the last record of the previous page.")] = None,
+) -> Page[AuditOut]:
+    """Newest first. `after` pages as the other lists do; `before` is its older name."""
+    records, more = services.store.audit_log(limit, after if after is not None else before)
+    return Page.of([AuditOut.model_validate(r, from_attributes=True) for r in records], more)

@@ -37,6 +37,18 @@ def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     return ModelList(data=cards)
 
 
+@router.get("/models/{model:path}", response_model=ModelCard)
+def retrieve_model(model: str, tenant: TenantDep, services: ServicesDep) -> ModelCard:
+    """A model this tenant may send requests to, by any name it may use (an adapter, `NAME@N`, the base
+    model, `default`); 404 `model_not_found` otherwise, as for a request naming it."""
+    route = resolve_model(services.settings, services.store, services.registry, tenant, model)
+    base = services.settings.served_model_name
+    if route.adapter is None:
+        return ModelCard(id=model, created=0, owned_by="loraserve", root=base)
+    adapter = services.store.get_adapter(tenant.id, route.adapter)
+    return ModelCard(id=model, created=epoch(adapter.created_at), owned_by=tenant.id, parent=base, root=base)
+
+
 @router.post("/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, tenant: TenantDep, services: ServicesDep, request: Request
