@@ -135,7 +135,7 @@ def test_train_then_serve_the_adapter(gateway, worker):
     assert job.status == "queued" and job.hyperparameters.n_epochs == 12
     done = wait_for(alpha, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
-    assert done.fine_tuned_model == "zorblax@1" and done.trained_tokens > 0 and done.finished_at
+    assert done.fine_tuned_model == "zorblax@3" and done.trained_tokens > 0 and done.finished_at  # @1, @2: checkpoints
 
     assert ANSWER in ask(alpha, done.fine_tuned_model)
     assert ANSWER in ask(alpha, "zorblax")  # the new version is active under the plain name too

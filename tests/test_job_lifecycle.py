@@ -288,6 +288,8 @@ def test_a_cancel_during_publishing_wins(real_settings, control, adapter_source,
     assert done.status == "cancelled" and done.fine_tuned_model is None
     assert worker.store.get_adapter("acme", "bot") is None
     assert not list((real_settings.registry_path / "acme").glob("bot/*"))
+    assert worker.jobs.list_files("acme") == [] and not done.result_files  # the metrics file went with it
+    assert not [p for p in (real_settings.data_dir / "files" / "acme").iterdir()]
 
 
 def test_a_published_job_succeeds_with_its_version_active(real_settings, control, adapter_source, monkeypatch):
@@ -300,6 +302,10 @@ def test_a_published_job_succeeds_with_its_version_active(real_settings, control
     done = status(worker, job)
     assert done.status == "succeeded" and done.fine_tuned_model == "bot@1"
     assert worker.store.get_adapter("acme", "bot").active_version == 1
+    [result] = done.result_files  # the metrics CSV, one of the tenant's files, written whole
+    assert worker.jobs.get_file("acme", result).purpose == "fine-tune-results"
+    csv = (real_settings.data_dir / "files" / "acme" / result).read_text()
+    assert csv == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,1,,,\n"
     events, _ = worker.jobs.list_events("acme", job.id, 100)
     shown = json.dumps([[e.message, e.data] for e in events])
     assert "Adapter saved to <path>" in shown and "Loading the base model from <path>" in shown

@@ -75,6 +75,9 @@ def legacy_tables() -> MetaData:
     versions = legacy.tables["adapter_versions"]
     for added_by_0003 in ("state", "fallback_version"):
         versions._columns.remove(versions.c[added_by_0003])
+    jobs = legacy.tables["fine_tuning_jobs"]
+    for added_by_0004 in ("metadata", "result_files", "checkpoints"):
+        jobs._columns.remove(jobs.c[added_by_0004])
     return legacy
 
 

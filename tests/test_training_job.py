@@ -301,7 +301,8 @@ def trained(zorblax, tmp_path_factory):
 @needs_base
 def test_a_short_run_learns_and_saves_a_servable_adapter(trained):
     result, events, out = trained
-    assert [e["type"] for e in events] == ["validating", "loading", "eval", "step", "step", "step", "eval", "done"]
+    assert [e["type"] for e in events] == ["validating", "loading", "eval", "step", "checkpoint", "step", "checkpoint",
+                                           "step", "checkpoint", "eval", "done"]
     steps = [e["data"] for e in events if e["type"] == "step"]
     assert [s["step"] for s in steps] == [1, 2, 3] and {s["total_steps"] for s in steps} == {3}
     assert [s["epoch"] for s in steps] == [1, 2, 3]

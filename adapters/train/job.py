@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
@@ -65,13 +65,16 @@ class TrainConfig:
     use_rslora: bool = False
     loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn this many times faster than the A's
     require_improvement: bool = False
+    init_adapter: Path | None = None  # continue training this saved adapter (its rank and targets win)
+    checkpoint_dir: Path | None = None  # where the last epochs' adapters are saved, `step-N` each
+    keep_checkpoints: int = 0  # how many of the last epochs have a checkpoint, the final one (output_dir) included
     threads: int | None = None
     device: str = "auto"  # "cuda" when a GPU is there, else "cpu"; or either one, named
 
     def __post_init__(self):
-        for name in ("base_model", "train_file", "validation_file", "output_dir"):
+        for name in ("base_model", "train_file", "validation_file", "output_dir", "init_adapter", "checkpoint_dir"):
             value = getattr(self, name)
-            if not (value is None and name == "validation_file"):
+            if not (value is None and name in ("validation_file", "init_adapter", "checkpoint_dir")):
                 _check(name, value, isinstance(value, str | Path) and str(value) != "", "a path")
                 setattr(self, name, Path(value))
         targets = self.target_modules
@@ -93,6 +96,7 @@ def _real(value) -> bool:
 _RULES = {  # field: (test, what the value must be)
     "rank": (lambda v: _int_in(v, 1, 256), "a whole number from 1 to 256"),
     "epochs": (lambda v: _int_in(v, 1, 100), "a whole number from 1 to 100"),
+    "keep_checkpoints": (lambda v: _int_in(v, 0, 100), "a whole number from 0 to 100"),
     "batch_size": (lambda v: _int_in(v, 1, 256), "a whole number from 1 to 256"),
     "max_seq_len": (lambda v: _int_in(v, 16, 32768), "a whole number from 16 to 32768"),
     "seed": (lambda v: _int_in(v, 0, 2**32 - 1), "a whole number from 0 to 2**32 - 1"),
@@ -159,9 +163,12 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
          device=device.type, device_name=_device_name(device))
     model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32, local_files_only=True)
     torch.manual_seed(config.seed)
-    model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
-        use_rslora=config.use_rslora, task_type="CAUSAL_LM")).to(device)
+    if config.init_adapter:  # continued training: the saved adapter's matrices, rank and targets, trainable
+        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True).to(device)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            target_modules=list(config.target_modules), use_rslora=config.use_rslora, task_type="CAUSAL_LM")).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # 3. The base model's loss, the yardstick: on the tenant's validation data and on general facts.
@@ -184,12 +191,12 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     for epoch in range(1, config.epochs + 1):
         rng.shuffle(order)
         model.train()
-        epoch_loss = epoch_count = 0
+        epoch_loss = epoch_count = epoch_hits = 0
         for start in range(0, len(order), config.batch_size):
             if should_stop():
                 raise Cancelled(f"cancelled after {step} of {total_steps} steps")
             batch = collate([train[i] for i in order[start:start + config.batch_size]], pad_id)
-            loss_sum, count = token_loss(model, *batch)
+            loss_sum, count, hits = scored_loss(model, *batch)
             loss = loss_sum / count
             if not torch.isfinite(loss):
                 raise RuntimeError(f"training diverged: the loss is {loss.item()} at step {step + 1}; "
@@ -201,9 +208,23 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
             scheduler.step()
             step += 1
             trained_tokens += int(batch[1].sum())
-            epoch_loss, epoch_count = epoch_loss + loss_sum.item(), epoch_count + count
+            epoch_loss, epoch_count, epoch_hits = epoch_loss + loss_sum.item(), epoch_count + count, epoch_hits + hits
             emit("step", f"Step {step}/{total_steps} (epoch {epoch}): loss {loss.item():.4f}", step=step,
-                 total_steps=total_steps, epoch=epoch, loss=loss.item(), trained_tokens=trained_tokens)
+                 total_steps=total_steps, epoch=epoch, loss=loss.item(), accuracy=hits / count,
+                 trained_tokens=trained_tokens)
+        # The epoch's checkpoint: its figures, and (for the last `keep_checkpoints` but the final) its adapter.
+        metrics = {"step": step, "train_loss": epoch_loss / epoch_count,
+                   "train_mean_token_accuracy": epoch_hits / epoch_count}
+        if split == "validation":
+            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = measure(
+                model, validation, config.batch_size, pad_id, should_stop)
+        saved = None
+        if config.checkpoint_dir and config.epochs - config.keep_checkpoints < epoch < config.epochs:
+            saved = f"step-{step}"
+            model.save_pretrained(config.checkpoint_dir / saved)
+            (config.checkpoint_dir / saved / "README.md").unlink(missing_ok=True)
+        emit("checkpoint", f"Epoch {epoch}: loss {metrics['train_loss']:.4f}", epoch=epoch, step=step,
+             metrics=metrics, saved=saved)
     train_loss = epoch_loss / epoch_count
     train_seconds = time.monotonic() - train_started
 
@@ -254,7 +275,13 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 
 def token_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """The summed cross-entropy over the learned tokens, and how many there are (so means weigh every token).
+    """The summed cross-entropy over the learned tokens, and how many there are (so means weigh every token)."""
+    loss, count, _ = scored_loss(model, input_ids, attention_mask, labels)
+    return loss, count
+
+
+def scored_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int, int]:
+    """`token_loss`, and how many learned tokens the model predicts right (its token accuracy's numerator).
 
     The batch goes to the model's device. On a GPU the forward pass runs under bfloat16 autocast and the loss is
     taken in float32; on the CPU everything is float32, as before."""
@@ -268,20 +295,26 @@ def token_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, 
     logits = logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, count
+    hits = int(((logits.detach().argmax(-1) == targets) & (targets != IGNORE)).sum())
+    return loss, count, hits
+
+
+def evaluate(model, examples, batch_size: int, pad_id: int, should_stop: Callable[[], bool]) -> float:
+    """The mean loss per learned (assistant) token over the examples."""
+    return measure(model, examples, batch_size, pad_id, should_stop)[0]
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, should_stop: Callable[[], bool]) -> float:
-    """The mean loss per learned (assistant) token over the examples."""
+def measure(model, examples, batch_size: int, pad_id: int, should_stop: Callable[[], bool]) -> tuple[float, float]:
+    """The mean loss and the token accuracy over the examples' learned (assistant) tokens."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, hits = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         if should_stop():
             raise Cancelled("cancelled while measuring the model")
-        loss_sum, n = token_loss(model, *collate(examples[start:start + batch_size], pad_id))
-        total, count = total + loss_sum.item(), count + n
-    return total / count
+        loss_sum, n, right = scored_loss(model, *collate(examples[start:start + batch_size], pad_id))
+        total, count, hits = total + loss_sum.item(), count + n, hits + right
+    return total / count, hits / count
 
 
 def _device_name(device: torch.device) -> str:

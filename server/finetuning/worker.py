@@ -33,7 +33,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from server.config import Settings
-from server.finetuning.training import train_config
+from server.finetuning import results
+from server.finetuning.training import continued_from, file_path, train_config
 from server.storage.db import Job
 from server.storage.factory import build_registry, build_store
 from server.storage.jobstore import JobStore
@@ -97,7 +98,13 @@ class Worker:
 
     def _train(self, job: Job, workdir: Path) -> None:
         output = workdir / "adapter"
-        config = train_config(self.settings, job, output)
+        start = continued_from(self.settings, job)
+        init = self.registry.version_path(job.tenant_id, *start) if start else None
+        if init is not None and not init.is_dir():
+            self._fail(job, "model_not_found", f"The adapter version '{job.model}' this job continues from no "
+                       "longer exists; nothing was trained.")
+            return
+        config = train_config(self.settings, job, output, init)
         if self.settings.worker_threads:
             config["threads"] = self.settings.worker_threads
         (workdir / "config.json").write_text(json.dumps(config))
@@ -129,7 +136,7 @@ class Worker:
         elif ending == "gone":
             log.warning("job %s was taken from this worker (deleted, or failed as lost); stopped it", job.id)
         elif child.returncode == 0 and outcome.result is not None:
-            self._publish(job, output, outcome.result)
+            self._publish(job, workdir, outcome)
         else:
             error = outcome.error or {"code": "training_failed", "message": "The training process stopped."}
             self._fail(job, str(error.get("code", "training_failed")), scrub(str(error.get("message", ""))))
@@ -163,7 +170,11 @@ class Worker:
             outcome.result = data
         elif kind == "error":
             outcome.error = event
+        elif kind == "checkpoint":
+            outcome.epochs.append(data)
+            self.jobs.add_event(job.id, scrub(str(event.get("message", ""))), type_="metrics", data=data)
         elif kind == "step":
+            outcome.steps.append(data)
             loss = data.get("loss")  # null when not finite
             shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
             message = f"Step {data.get('step')}/{data.get('total_steps')}: training loss={shown}"
@@ -173,21 +184,53 @@ class Worker:
         elif event.get("message"):
             self.jobs.add_event(job.id, scrub(str(event["message"])), data=data or None)
 
-    def _publish(self, job: Job, output: Path, result: dict) -> None:
-        """Publish the version inactive, then make it active in the transaction that records the job's
-        success (`JobStore.finish_published`); a job cancelled or lost meanwhile gets its version withdrawn."""
-        published = self.registry.publish(output, job.tenant_id, job.suffix, origin=job.id, activate=False)
-        model = f"{job.suffix}@{published.version}"
-        ending = self.jobs.finish_published(
-            job.id, self.id, published.version, fine_tuned_model=model, result=result,
-            trained_tokens=result.get("trained_tokens"),
-            event=f"Published adapter '{job.suffix}' version {published.version}; "
-            f"call it as model '{model}' (or '{job.suffix}').")
+    def _publish(self, job: Job, workdir: Path, outcome: _Outcome) -> None:
+        """Publish the kept epochs' checkpoints and then the final adapter, all inactive, and store the metrics
+        CSV; then make the final version active in the transaction that records the job's success
+        (`JobStore.finish_published`). A job cancelled or lost meanwhile, or a failure on the way, withdraws
+        every version and the file."""
+        published, result_file = [], None
+        try:
+            kept = [e for e in outcome.epochs if e.get("saved")]
+            entries = []
+            for epoch in kept:
+                version = self.registry.publish(workdir / "checkpoints" / epoch["saved"], job.tenant_id, job.suffix,
+                                                origin=job.id, activate=False).version
+                published.append(version)
+                entries.append(results.checkpoint_entry(job.id, job.suffix, version, epoch))
+            version = self.registry.publish(workdir / "adapter", job.tenant_id, job.suffix, origin=job.id,
+                                            activate=False).version
+            published.append(version)
+            if outcome.epochs:
+                entries.append(results.checkpoint_entry(job.id, job.suffix, version, outcome.epochs[-1]))
+            content = results.metrics_csv(outcome.steps, outcome.epochs)
+            result_file = results.save_result_file(self.settings, self.jobs, job.tenant_id, content).id
+            model = f"{job.suffix}@{version}"
+            ending = self.jobs.finish_published(
+                job.id, self.id, version, fine_tuned_model=model, result=outcome.result, result_files=[result_file],
+                checkpoints=entries, trained_tokens=outcome.result.get("trained_tokens"),
+                event=f"Published adapter '{job.suffix}' version {version}; "
+                f"call it as model '{model}' (or '{job.suffix}').")
+        except BaseException:
+            self._withdraw_all(job, published, result_file)
+            raise
         if ending == "succeeded":
-            log.info("job %s published %s/%s v%s", job.id, job.tenant_id, job.suffix, published.version)
+            log.info("job %s published %s/%s v%s", job.id, job.tenant_id, job.suffix, version)
             return
-        log.warning("job %s ended %s while publishing; withdrawing version %s", job.id, ending, published.version)
-        self._withdraw(job.tenant_id, job.suffix, published.version)
+        log.warning("job %s ended %s while publishing; withdrawing versions %s", job.id, ending, published)
+        self._withdraw_all(job, published, result_file)
+
+    def _withdraw_all(self, job: Job, versions: list[int], result_file: str | None) -> None:
+        """Withdraw a job's versions (newest first: the last one out takes an adapter it made with it) and its
+        result file."""
+        for version in reversed(versions):
+            self._withdraw(job.tenant_id, job.suffix, version)
+        if result_file is not None:
+            try:
+                self.jobs.delete_file(job.tenant_id, result_file)
+            except Exception:  # gone with its tenant
+                log.debug("result file %s already gone", result_file)
+            file_path(self.settings, job.tenant_id, result_file).unlink(missing_ok=True)
 
     def _withdraw(self, tenant: str, name: str, version: int) -> None:
         """Remove a version that never became active (its job did not succeed)."""
@@ -214,8 +257,11 @@ class Worker:
 
 
 class _Outcome:
-    result: dict | None = None
-    error: dict | None = None
+    def __init__(self):
+        self.result: dict | None = None
+        self.error: dict | None = None
+        self.steps: list[dict] = []  # each step's figures, for the metrics CSV
+        self.epochs: list[dict] = []  # each epoch's checkpoint event: figures, and the folder it was saved to
 
 
 # What a training child may inherit from the worker's environment: the system's basics and the knobs of

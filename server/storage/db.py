@@ -123,6 +123,11 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict | None] = mapped_column(JSON)
     result: Mapped[dict | None] = mapped_column(JSON)
+    # The tenant's own key-value pairs (OpenAI's `metadata`; `metadata` is a reserved attribute name here).
+    tags: Mapped[dict | None] = mapped_column("metadata", JSON)
+    result_files: Mapped[list | None] = mapped_column(JSON, default=list)  # file ids: the metrics CSV
+    # One entry per kept epoch checkpoint: {id, created_at, step_number, metrics, fine_tuned_model_checkpoint}.
+    checkpoints: Mapped[list | None] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

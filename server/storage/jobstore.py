@@ -144,9 +144,13 @@ class JobStore:
         with self._session() as s:
             return self._job(s, tenant_id, job_id)
 
-    def list_jobs(self, tenant_id: str, limit: int, after: str | None = None) -> tuple[list[Job], bool]:
+    def list_jobs(self, tenant_id: str, limit: int, after: str | None = None,
+                  metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+        """The tenant's jobs, newest first; with `metadata`, only those whose metadata has every pair."""
         with self._session() as s:
             stmt = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.created_at.desc(), Job.id.desc())
+            for key, value in (metadata or {}).items():
+                stmt = stmt.where(Job.tags[key].as_string() == value)
             if after:
                 anchor = self._job(s, tenant_id, after)
                 stmt = stmt.where(Job.created_at <= anchor.created_at, Job.id != anchor.id)
@@ -316,6 +320,15 @@ class JobStore:
                 stmt = stmt.where(JobEvent.id < after)
             rows = list(s.scalars(stmt.limit(limit + 1)))
             return rows[:limit], len(rows) > limit
+
+    def list_checkpoints(self, tenant_id: str, job_id: str, limit: int, after: str | None = None
+                         ) -> tuple[list[dict], bool]:
+        """A job's checkpoints, newest first (as OpenAI lists them), after the one with id `after`."""
+        with self._session() as s:
+            entries = sorted(self._job(s, tenant_id, job_id).checkpoints or [], key=lambda c: -c["step_number"])
+        ids = [c["id"] for c in entries]
+        start = 0 if after is None else ids.index(after) + 1 if after in ids else len(ids)  # unknown: the end
+        return entries[start:start + limit], len(entries) > start + limit
 
     @staticmethod
     def _move(s: Session, job_id: str, sources: tuple[str, ...], holder: str | None, *,

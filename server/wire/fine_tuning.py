@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from server.wire.timestamps import epoch
 
@@ -45,6 +45,27 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = "auto"
 
 
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`. Only `supervised` is run here; the others are read so that they can be refused
+    by name (`server.finetuning.training`), never run as supervised."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+# OpenAI's bounds on metadata: 16 pairs, keys of at most 64 characters, values of at most 512.
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                          Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
+
+
 class JobCreate(BaseModel):
     """`POST /v1/fine_tuning/jobs`. `suffix` names the adapter; the lora_* fields are ours."""
 
@@ -52,7 +73,7 @@ class JobCreate(BaseModel):
     model: str = Field(max_length=256)
     training_file: str = Field(max_length=64)
     validation_file: str | None = Field(None, max_length=64)
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI: use `method`.")
     suffix: str | None = Field(None, max_length=63, description="The adapter's name (default: ft-<job>).")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     lora_rank: int | None = Field(None, ge=1, le=256)
@@ -65,9 +86,14 @@ class JobCreate(BaseModel):
     require_improvement: bool | None = Field(
         None, description="Refuse to publish an adapter that does not beat the base model on the validation data."
     )
-    method: dict[str, Any] | None = None
+    method: Method | None = None
     integrations: list[Any] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
+
+
+def metadata_filter(query: list[tuple[str, str]]) -> dict[str, str]:
+    """The `metadata[k]=v` pairs of a list request's query string (the openai SDK's deep-object form)."""
+    return {k[len("metadata["):-1]: v for k, v in query if k.startswith("metadata[") and k.endswith("]")}
 
 
 class JobObject(BaseModel):
@@ -89,6 +115,8 @@ class JobObject(BaseModel):
     estimated_finish: int | None = None
     integrations: list[Any] = []
     suffix: str
+    method: dict[str, Any]
+    metadata: dict[str, str] | None = None
     lora: dict[str, Any]
     result: dict[str, Any] | None = Field(None, description="Training and evaluation figures when finished.")
 
@@ -100,7 +128,9 @@ class JobObject(BaseModel):
             fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id, status=job.status,
             validation_file=job.validation_file, training_file=job.training_file,
             hyperparameters=job.hyperparameters, trained_tokens=job.trained_tokens, error=job.error,
-            seed=job.seed, suffix=job.suffix, lora=job.lora, result=job.result,
+            seed=job.seed, suffix=job.suffix, lora=job.lora, result=job.result, metadata=job.tags,
+            result_files=job.result_files or [],
+            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         )
 
 
@@ -129,3 +159,27 @@ class JobEventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobEventObject]
     has_more: bool
+
+
+class CheckpointObject(BaseModel):
+    """One kept epoch of a job: `fine_tuned_model_checkpoint` is a `model` the tenant can call (`NAME@N`)."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, float]
+    step_number: int
+
+    @classmethod
+    def of(cls, job_id: str, entry: dict) -> CheckpointObject:
+        return cls(fine_tuning_job_id=job_id, **entry)
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

@@ -1,10 +1,11 @@
-"""OpenAI Files API, tenant-scoped: training data for fine-tuning jobs."""
+"""OpenAI Files API, tenant-scoped: training data for fine-tuning jobs, and the jobs' result files."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import FileResponse
 
 from server.api.deps import JobsDep, ServicesDep, TenantDep
 from server.finetuning import training
@@ -30,6 +31,12 @@ def list_files(tenant: TenantDep, jobs: JobsDep) -> FileList:
 @router.get("/{file_id}")
 def get_file(file_id: str, tenant: TenantDep, jobs: JobsDep) -> FileObject:
     return FileObject.of(jobs.get_file(tenant.id, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def file_content(file_id: str, tenant: TenantDep, services: ServicesDep, jobs: JobsDep) -> FileResponse:
+    path, row = training.file_content(services.settings, jobs, tenant, file_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
 
 
 @router.delete("/{file_id}")
