@@ -106,7 +106,12 @@ def api_error_body(exc: APIError) -> dict[str, Any]:
 
 
 class Missing(LookupError):
-    """Raised by the storage layer: the tenant, key, adapter or version does not exist (404)."""
+    """Raised by the storage layer: the tenant, key, adapter or version does not exist (404); `param`, the
+    request field that named it, where one did."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class StateConflict(ValueError):
@@ -123,7 +128,7 @@ def domain_errors() -> dict[type[Exception], Callable[[Exception], APIError]]:
     from adapters.validate import AdapterInvalid
 
     return {
-        Missing: lambda e: NotFound(_text(e)),
+        Missing: lambda e: NotFound(_text(e), param=e.param),
         StateConflict: lambda e: Conflict(_text(e)),
         InvalidName: lambda e: BadRequest(_text(e), code="invalid_name"),
         AdapterInvalid: lambda e: Unprocessable(_text(e), code="invalid_adapter"),

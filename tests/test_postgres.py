@@ -94,9 +94,13 @@ def test_a_database_made_by_create_all_is_stamped_then_upgraded_with_its_rows(db
             tenant_id="acme", name="bot", active_version=version, created_at=utcnow())).inserted_primary_key[0]
         conn.execute(legacy.tables["adapter_versions"].insert().values(
             adapter_id=adapter_id, version=version, rank=8, size_bytes=1234, source="test", created_at=utcnow()))
+        conn.execute(legacy.tables["fine_tuning_jobs"].insert().values(
+            id="ftjob-legacy", tenant_id="acme", model="m", training_file="file-1", suffix="bot", status="queued",
+            hyperparameters={}, lora={}, seed=0, cancel_requested=False, created_at=utcnow()))
+        for message in ("Created fine-tuning job.", "second event"):
+            conn.execute(legacy.tables["fine_tuning_job_events"].insert().values(
+                job_id="ftjob-legacy", level="info", type="message", message=message, created_at=utcnow()))
     jobs = JobStore(store)
-    job = jobs.create_job(tenant_id="acme", model="m", training_file="file-1", suffix="bot", status="queued")
-    jobs.add_event(job.id, "second event")
 
     assert store.create_schema() == head()
     assert schema_diff(store) == []
@@ -105,10 +109,10 @@ def test_a_database_made_by_create_all_is_stamped_then_upgraded_with_its_rows(db
     with store.session() as s:  # served before the state column existed: verified
         assert s.scalar(select(AdapterVersion.state)) == "verified"
     with store.session() as s:  # SQLite rebuilt fine_tuning_jobs: its events must not have cascaded away
-        assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)) == 2
+        assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == "ftjob-legacy")) == 2
     # the widened columns now take what they are for
     store.add_version("acme", "bot", store.reserve_version("acme", "bot"), rank=8, size_bytes=5 << 30, source="t")
-    jobs.set_status(job.id, "running", worker_id="h" * 64 + ":4194304")
+    jobs.set_status("ftjob-legacy", "running", worker_id="h" * 64 + ":4194304")
     assert store.get_adapter("acme", "bot").version_details[-1].size_bytes == 5 << 30
 
 

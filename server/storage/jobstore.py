@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from server.errors import Missing
 from server.storage.connection import ROW_LOCK, has_nul, storable
 from server.storage.db import Adapter, AdapterVersion, Job, JobEvent, StoredFile, Tenant, utcnow
+from server.storage.paging import keyset_page
 from server.storage.store import Store
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -112,10 +113,19 @@ class JobStore:
                 raise Missing(f"No file with id '{file_id[:64]}'.")
             return row
 
-    def list_files(self, tenant_id: str) -> list[StoredFile]:
+    def list_files(self, tenant_id: str, limit: int = 10_000, after: str | None = None, *,
+                   newest_first: bool = True) -> tuple[list[StoredFile], bool]:
+        """A page of the tenant's files after the file `after` (Missing: not one of its files)."""
         with self._session() as s:
-            return list(s.scalars(select(StoredFile).where(StoredFile.tenant_id == tenant_id)
-                                  .order_by(StoredFile.created_at.desc())))
+            cursor = None
+            if after is not None:
+                anchor = None if has_nul(after) else s.get(StoredFile, after)
+                if anchor is None or anchor.tenant_id != tenant_id:
+                    raise Missing(f"after: no file with id '{after[:64]}'.", param="after")
+                cursor = (anchor.created_at, anchor.id)
+            return keyset_page(s, select(StoredFile).where(StoredFile.tenant_id == tenant_id),
+                               (StoredFile.created_at, StoredFile.id), limit=limit, after=cursor,
+                               descending=newest_first)
 
     def delete_file(self, tenant_id: str, file_id: str) -> None:
         with self._session() as s:
@@ -148,14 +158,17 @@ class JobStore:
                   metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
         """The tenant's jobs, newest first; with `metadata`, only those whose metadata has every pair."""
         with self._session() as s:
-            stmt = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.created_at.desc(), Job.id.desc())
+            stmt = select(Job).where(Job.tenant_id == tenant_id)
             for key, value in (metadata or {}).items():
                 stmt = stmt.where(Job.tags[key].as_string() == value)
+            cursor = None
             if after:
-                anchor = self._job(s, tenant_id, after)
-                stmt = stmt.where(Job.created_at <= anchor.created_at, Job.id != anchor.id)
-            rows = list(s.scalars(stmt.limit(limit + 1)))
-            return rows[:limit], len(rows) > limit
+                try:
+                    anchor = self._job(s, tenant_id, after)
+                except Missing:
+                    raise Missing(f"after: no fine-tuning job with id '{after[:64]}'.", param="after") from None
+                cursor = (anchor.created_at, anchor.id)
+            return keyset_page(s, stmt, (Job.created_at, Job.id), limit=limit, after=cursor, descending=True)
 
     def set_status(self, job_id: str, status: str, *, holder: str | None = None, event: str | None = None,
                    level: str = "info", event_type: str = "message", data: dict | None = None, **fields) -> bool:
@@ -315,11 +328,8 @@ class JobStore:
                     ) -> tuple[list[JobEvent], bool]:
         with self._session() as s:
             self._job(s, tenant_id, job_id)
-            stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
-            if after is not None:
-                stmt = stmt.where(JobEvent.id < after)
-            rows = list(s.scalars(stmt.limit(limit + 1)))
-            return rows[:limit], len(rows) > limit
+            return keyset_page(s, select(JobEvent).where(JobEvent.job_id == job_id), (JobEvent.id,), limit=limit,
+                               after=None if after is None else (after,), descending=True)
 
     def list_checkpoints(self, tenant_id: str, job_id: str, limit: int, after: str | None = None
                          ) -> tuple[list[dict], bool]:
@@ -327,7 +337,9 @@ class JobStore:
         with self._session() as s:
             entries = sorted(self._job(s, tenant_id, job_id).checkpoints or [], key=lambda c: -c["step_number"])
         ids = [c["id"] for c in entries]
-        start = 0 if after is None else ids.index(after) + 1 if after in ids else len(ids)  # unknown: the end
+        if after is not None and after not in ids:
+            raise Missing(f"after: this job has no checkpoint '{after[:64]}'.", param="after")
+        start = 0 if after is None else ids.index(after) + 1
         return entries[start:start + limit], len(entries) > start + limit
 
     @staticmethod

@@ -27,11 +27,6 @@ class FileObject(BaseModel):
                    purpose=row.purpose)
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-
-
 class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
@@ -134,12 +129,6 @@ class JobObject(BaseModel):
         )
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobObject]
-    has_more: bool
-
-
 class JobEventObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -153,12 +142,6 @@ class JobEventObject(BaseModel):
     def of(cls, event: JobEvent) -> JobEventObject:
         return cls(id=f"ftevent-{event.id}", created_at=epoch(event.created_at), level=event.level,
                    message=event.message, type=event.type, data=event.data)
-
-
-class JobEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobEventObject]
-    has_more: bool
 
 
 class CheckpointObject(BaseModel):
@@ -177,9 +160,3 @@ class CheckpointObject(BaseModel):
         return cls(fine_tuning_job_id=job_id, **entry)
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CheckpointObject]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None

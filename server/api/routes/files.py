@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from server.api.deps import JobsDep, ServicesDep, TenantDep
+from server.api.paging import After, FilesLimit
 from server.finetuning import training
-from server.wire.fine_tuning import FileDeleted, FileList, FileObject
+from server.wire.fine_tuning import FileDeleted, FileObject
+from server.wire.pages import Page
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -24,8 +26,10 @@ def upload_file(
 
 
 @router.get("")
-def list_files(tenant: TenantDep, jobs: JobsDep) -> FileList:
-    return FileList(data=[FileObject.of(f) for f in jobs.list_files(tenant.id)])
+def list_files(tenant: TenantDep, jobs: JobsDep, limit: FilesLimit = 10_000, after: After = None,
+               order: Annotated[Literal["asc", "desc"], Query()] = "desc") -> Page[FileObject]:
+    files, more = jobs.list_files(tenant.id, limit, after, newest_first=order == "desc")
+    return Page.of([FileObject.of(f) for f in files], more)
 
 
 @router.get("/{file_id}")

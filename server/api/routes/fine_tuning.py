@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 
 from server.api.deps import JobsDep, ServicesDep, TenantDep
+from server.api.paging import After, JobsLimit
+from server.errors import NotFound
 from server.finetuning import training
 from server.wire.fine_tuning import (
-    CheckpointList,
     CheckpointObject,
     JobCreate,
-    JobEventList,
     JobEventObject,
-    JobList,
     JobObject,
     metadata_filter,
 )
+from server.wire.pages import Page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-Limit = Annotated[int, Query(ge=1, le=100)]
-Cursor = Annotated[str | None, Query(max_length=64)]
 
 
 @router.post("")
@@ -30,10 +26,11 @@ def create_job(body: JobCreate, tenant: TenantDep, services: ServicesDep) -> Job
 
 
 @router.get("")
-def list_jobs(request: Request, tenant: TenantDep, jobs: JobsDep, limit: Limit = 20, after: Cursor = None) -> JobList:
+def list_jobs(request: Request, tenant: TenantDep, jobs: JobsDep, limit: JobsLimit = 20, after: After = None
+              ) -> Page[JobObject]:
     """`metadata[k]=v` (repeatable) keeps the jobs whose metadata has every such pair."""
     rows, more = jobs.list_jobs(tenant.id, limit, after, metadata_filter(request.query_params.multi_items()))
-    return JobList(data=[JobObject.of(j) for j in rows], has_more=more)
+    return Page.of([JobObject.of(j) for j in rows], more)
 
 
 @router.get("/{job_id}")
@@ -57,17 +54,17 @@ def resume_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> JobObject:
 
 
 @router.get("/{job_id}/events")
-def list_events(job_id: str, tenant: TenantDep, jobs: JobsDep, limit: Limit = 20, after: Cursor = None
-                ) -> JobEventList:
-    before = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
-    rows, more = jobs.list_events(tenant.id, job_id, limit, before)
-    return JobEventList(data=[JobEventObject.of(e) for e in rows], has_more=more)
+def list_events(job_id: str, tenant: TenantDep, jobs: JobsDep, limit: JobsLimit = 20, after: After = None
+                ) -> Page[JobEventObject]:
+    number = None if after is None else after.removeprefix("ftevent-")
+    if number is not None and not (number.isascii() and number.isdigit() and len(number) < 19):
+        raise NotFound(f"after: no event with id '{after[:64]}'.", param="after")
+    rows, more = jobs.list_events(tenant.id, job_id, limit, None if number is None else int(number))
+    return Page.of([JobEventObject.of(e) for e in rows], more)
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, tenant: TenantDep, jobs: JobsDep, limit: Limit = 10, after: Cursor = None
-                     ) -> CheckpointList:
+def list_checkpoints(job_id: str, tenant: TenantDep, jobs: JobsDep, limit: JobsLimit = 10, after: After = None
+                     ) -> Page[CheckpointObject]:
     rows, more = jobs.list_checkpoints(tenant.id, job_id, limit, after)
-    data = [CheckpointObject.of(job_id, c) for c in rows]
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)
+    return Page.of([CheckpointObject.of(job_id, c) for c in rows], more)
