@@ -38,6 +38,11 @@ class CommandError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vllm"]:  # vLLM's own command line, passed through whole (its flags are not ours)
+        from server.engine.vllm_cli import run_vllm_cli
+
+        return run_vllm_cli(argv[1:])
     args = _parser().parse_args(argv)
     settings = Settings()
     try:
@@ -87,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--name", required=True)
     publish.set_defaults(run=cmd_adapter_publish)
 
+    sub.add_parser("vllm", help="vLLM's own command line, e.g. `loraserve vllm bench serve ...`", add_help=False)
     sub.add_parser("worker", help="run queued fine-tuning jobs").set_defaults(run=cmd_worker)
     train = sub.add_parser("train", help="train an adapter on a chat JSONL file and publish it")
     train.add_argument("--tenant", required=True)
