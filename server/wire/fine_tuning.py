@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
+from server.wire.request_fields import Metadata
 from server.wire.timestamps import epoch
 
 if TYPE_CHECKING:  # rows are read by attribute; the wire layer imports no storage
@@ -54,11 +55,6 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
     dpo: dict[str, Any] | None = None
     reinforcement: dict[str, Any] | None = None
-
-
-# OpenAI's bounds on metadata: 16 pairs, keys of at most 64 characters, values of at most 512.
-Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
-                          Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 
 
 class JobCreate(BaseModel):

@@ -20,5 +20,5 @@ class Page(BaseModel, Generic[T]):
     @classmethod
     def of(cls, data: Sequence[T], has_more: bool = False, id_of: Callable[[T], object] = lambda item: item.id
            ) -> Page[T]:
-        ids = [str(id_of(item)) for item in (data[:1] + data[-1:])] if data else [None, None]
-        return cls(data=list(data), has_more=has_more, first_id=ids[0], last_id=ids[-1])
+        first, last = (str(id_of(data[0])), str(id_of(data[-1]))) if data else (None, None)
+        return cls(data=list(data), has_more=has_more, first_id=first, last_id=last)

@@ -31,15 +31,17 @@ MAX_PATTERN_CHARS = 4096  # a structured-outputs regex
 MAX_GRAMMAR_CHARS = 64 << 10
 MAX_CHOICES = 256
 
-MetadataKey = Annotated[str, Field(max_length=64)]
-MetadataValue = Annotated[str, Field(max_length=512)]
+# OpenAI's bounds on metadata (chat, responses, fine-tuning jobs): 16 pairs, keys of at most 64 characters,
+# values of at most 512.
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class PlatformFields(BaseModel):
     """OpenAI platform fields, typed as OpenAI documents them, then dropped (see DROPPED_FIELDS)."""
 
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
     store: bool | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = Field(None, max_length=256)

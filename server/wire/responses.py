@@ -20,7 +20,7 @@ from server.wire.chat import (
     invalid_value,
     json_size,
 )
-from server.wire.request_fields import MetadataKey, MetadataValue, VllmSampling
+from server.wire.request_fields import Metadata, VllmSampling
 
 # Fields accepted and not sent to the engine (OpenAI platform fields; reasoning for a model without any).
 RESPONSES_DROPPED = frozenset({
@@ -171,7 +171,7 @@ class ResponsesRequest(VllmSampling):
     stream_options: ResponsesStreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # Accepted, not passed on (RESPONSES_DROPPED).
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
     store: bool | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = Field(None, max_length=256)
