@@ -11,12 +11,12 @@ PIN    := $(if $(LOCK),-c $(LOCK))
 # Re-install when pyproject.toml or the lock changes.
 STAMP  := $(VENV)/.installed-$(EXTRA)-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: serve test install lock lock-check system-packages lint bench clean
+.PHONY: serve test install lock lock-check lock-clients clients-venvs system-packages lint bench clean
 
 serve: install
 	$(VENV)/bin/loraserve up
 
-test: install system-packages
+test: install system-packages clients-venvs
 	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/pytest
 
@@ -72,6 +72,26 @@ system-packages:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
 	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
+
+# The frameworks tests/test_clients_frameworks.py drives, each in a venv of its own: their pins clash with the
+# engine's and with each other's (LlamaIndex wants openai<3, the Agents SDK openai>=3), as on a user's machine.
+# Each installs from its lock, tests/clients/NAME.lock, which `make lock-clients` makes from NAME.in.
+CLIENTS     := langchain llamaindex agents
+CLIENTS_DIR := .cache/clients
+clients-venvs: $(CLIENTS:%=$(CLIENTS_DIR)/%/.installed)
+
+$(CLIENTS_DIR)/%/.installed: tests/clients/%.lock
+	@test -x $(CLIENTS_DIR)/$*/bin/python || $(PYTHON) -m venv $(CLIENTS_DIR)/$*
+	$(CLIENTS_DIR)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+lock-clients:
+	@for c in $(CLIENTS); do \
+	  rm -rf $(CLIENTS_DIR)/$$c-lock && $(PYTHON) -m venv $(CLIENTS_DIR)/$$c-lock && \
+	  $(CLIENTS_DIR)/$$c-lock/bin/python -m pip install --quiet -r tests/clients/$$c.in && \
+	  { echo "# Made by \`make lock-clients\` from $$c.in (a fresh venv, pip freeze): do not edit by hand."; \
+	    $(CLIENTS_DIR)/$$c-lock/bin/python -m pip freeze --exclude-editable | LC_ALL=C sort -f; \
+	  } > tests/clients/$$c.lock && rm -rf $(CLIENTS_DIR)/$$c-lock || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check --no-cache .
