@@ -159,6 +159,11 @@ class Settings(BaseSettings):
         "parameter", description="How far the engine constrains tool calls (--tool-strict-level): `parameter` makes "
         "every call's arguments follow its schema, as if each tool were `strict`.",
     )
+    engine_grouped_lora_ops: bool = Field(
+        True, description="CPU engines: this package's vLLM plugin computes LoRA one matmul per adapter slot "
+        "instead of vLLM's per-token weight gather (same results; server/engine/grouped_lora_ops.py). false: "
+        "vLLM's own ops (base-model rows of mixed batches still get no adapter).",
+    )
     engine_chat_template: Path | None = Field(
         None, description="A chat template file for the embedded engine (--chat-template). Default: the model's "
         "own, or this package's ChatML template with tools for a ChatML model whose own has no tools.",

@@ -1,16 +1,21 @@
-"""The vLLM plugin that keeps adapters off base-model rows of a mixed batch (server/engine/vllm_fix.py).
+"""The vLLM plugin that keeps adapters off base-model rows of a mixed batch and groups the adapter rows by slot
+(server/engine/vllm_fix.py, server/engine/grouped_lora_ops.py).
 
-The end-to-end check is `test_batching.py` on the real engine; these pin the op-level rule."""
+The end-to-end check is `test_batching.py` on the real engine (a mixed batch answers token for token as each
+request alone); these pin the op-level rules against vLLM's own ops."""
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import entry_points
 
+import pytest
 import torch
 from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 
 from server.engine import vllm_fix
+from server.engine.grouped_lora_ops import GROUPED, slot_groups
 
 
 def stacked(slots: int, rows: int, cols: int) -> torch.Tensor:
@@ -45,3 +50,124 @@ def test_vllm_loads_the_plugin_and_it_patches_the_cpu_ops():
         op = getattr(punica_cpu, name)
         assert op is getattr(lora_ops, name) and op._skips_no_lora_rows
         assert not getattr(op.__wrapped__, "_skips_no_lora_rows", False), "wrapped once, not twice"
+
+
+def vllm_op(name: str):
+    """vLLM's own op, with only the -1 rule: what the grouped op must equal."""
+    op = getattr(lora_ops, name)
+    return vllm_fix.skip_no_lora_rows(getattr(op, "__wrapped__", op))
+
+
+def layouts(generator: torch.Generator, tokens: int, slots: int):
+    """Per-token slot indices as vLLM builds them: decode (any slot per row), prefill (runs of one request's
+    tokens, as sgmv's repeat_interleave makes them), one adapter for the whole batch, and no adapter at all."""
+    yield "decode", torch.randint(-1, slots, (tokens,), generator=generator)
+    lengths = torch.randint(1, 40, (5,), generator=generator)
+    starts = torch.randint(-1, slots, (5,), generator=generator)
+    yield "prefill", torch.repeat_interleave(starts, lengths)
+    yield "one-slot", torch.full((tokens,), slots - 1)
+    yield "no-adapter", torch.full((tokens,), -1)
+
+
+def check_against_vllm(name: str, indices: torch.Tensor, args: tuple, width: int, generator, where: str) -> None:
+    """The grouped op equals vLLM's on a random output buffer; rows of index -1 keep what they held."""
+    start = torch.randn(indices.shape[0], width, generator=generator)
+    expected, got = start.clone(), start.clone()
+    vllm_op(name)(*args[:2], expected, indices, *args[2:])
+    GROUPED[name](vllm_op(name))(*args[:2], got, indices, *args[2:])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name}: {where}")
+    assert torch.equal(got[indices < 0], start[indices < 0]), f"{name}: a -1 row changed ({where})"
+
+
+CASES = [(slots, rank, stacked_4d) for slots in (1, 3, 8) for rank in (1, 8, 16) for stacked_4d in (True, False)]
+
+
+@pytest.mark.parametrize(("slots", "rank", "stacked_4d"), CASES)
+def test_grouped_ops_equal_vllms_ops(slots, rank, stacked_4d):
+    generator = torch.Generator().manual_seed(slots * 100 + rank)
+    hidden, out = 48, 40
+
+    def weights(*shape):
+        w = torch.randn(slots, 1, *shape, generator=generator)
+        return w if stacked_4d else w[:, 0]
+
+    for tokens in (1, 7, 64):
+        for layout, indices in layouts(generator, tokens, slots):
+            rows, where = indices.shape[0], f"{layout}, {indices.shape[0]} rows, {slots} slots, rank {rank}"
+            x = torch.randn(rows, hidden, generator=generator)
+            check_against_vllm("bgmv_shrink", indices, (x, weights(rank, hidden), 0.5), rank + 3, generator, where)
+            h = torch.randn(rows, rank, generator=generator)
+            for add in (True, False):
+                for lora_out, model_out in ((out, out), (out, out - 8), (out - 8, out)):  # either may pad more
+                    check_against_vllm("bgmv_expand", indices, (h, weights(lora_out, rank), add), model_out,
+                                       generator, where)
+                check_against_vllm("bgmv_expand_slice", indices, (h, weights(16, rank), 8, 16, add), out,
+                                   generator, where)
+
+
+def test_grouped_ops_cast_like_vllm():
+    """bf16 inputs and weights into an fp32 buffer (shrink) and fp32 into bf16 (expand), as the engine runs them."""
+    generator = torch.Generator().manual_seed(7)
+    indices = torch.tensor([0, 2, -1, 1, 0, 2])
+    x = torch.randn(6, 32, generator=generator).bfloat16()
+    a = torch.randn(3, 1, 8, 32, generator=generator).bfloat16()
+    expected, got = torch.zeros(6, 8), torch.zeros(6, 8)
+    vllm_op("bgmv_shrink")(x, a, expected, indices, 1.0)
+    GROUPED["bgmv_shrink"](vllm_op("bgmv_shrink"))(x, a, got, indices, 1.0)
+    torch.testing.assert_close(got, expected)
+    b = torch.randn(3, 1, 24, 8, generator=generator).bfloat16()
+    expected, got = torch.zeros(6, 24).bfloat16(), torch.zeros(6, 24).bfloat16()
+    vllm_op("bgmv_expand")(expected.float()[:, :8], b, expected, indices, True)
+    GROUPED["bgmv_expand"](vllm_op("bgmv_expand"))(got.float()[:, :8], b, got, indices, True)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_prefill_ops_reach_the_grouped_ops_through_vllms_module(monkeypatch):
+    """vLLM's sgmv_* (prefill) call bgmv_* by module global: patching the module covers prefill."""
+    calls = []
+    original = lora_ops.bgmv_shrink
+    monkeypatch.setattr(lora_ops, "bgmv_shrink", lambda *a, **k: calls.append(a[3].tolist()) or original(*a, **k))
+    x, output = torch.randn(5, 8), torch.zeros(5, 4)
+    lora_ops.sgmv_shrink(x, torch.randn(2, 1, 4, 8), output, torch.tensor([0, 3]), torch.tensor([3, 2]),
+                         torch.tensor([1, 0]), 2, 3, 5, 1.0)
+    assert calls == [[1, 1, 1, 0, 0]]
+
+
+def unpatch(monkeypatch) -> None:
+    """vLLM's ops back in both modules (as before any register() of this process), restored after the test."""
+    for name in vllm_fix._OPS:
+        op = getattr(lora_ops, name)
+        monkeypatch.setattr(lora_ops, name, getattr(op, "__wrapped__", op))
+        monkeypatch.setattr(punica_cpu, name, getattr(lora_ops, name))
+
+
+@pytest.mark.parametrize(("setting", "grouped"), [(None, True), ("false", False), ("0", False)])
+def test_the_setting_chooses_grouped_or_vllms_own_math_and_the_engine_log_says_which(
+        monkeypatch, caplog, setting, grouped):
+    unpatch(monkeypatch)
+    if setting is None:
+        monkeypatch.delenv(vllm_fix.GROUPED_OPS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(vllm_fix.GROUPED_OPS_ENV, setting)
+    with caplog.at_level(logging.INFO, logger=vllm_fix.log.name):
+        vllm_fix.register()
+        vllm_fix.register()
+    assert len(caplog.records) == 1, "logged once"
+    assert ("grouped by slot" if grouped else "vLLM's per-token ops") in caplog.text
+    for name in vllm_fix._OPS:
+        op = getattr(punica_cpu, name)
+        assert op is getattr(lora_ops, name) and op._skips_no_lora_rows
+        assert (op.__code__ is GROUPED[name](None).__code__) == grouped
+
+
+def test_slot_groups_follow_the_indices_values_not_the_tensor():
+    """The groups are kept for the next layer's call; vLLM rewrites its index buffers in place between steps,
+    so an in-place change must give fresh groups, and equal values in another tensor the same ones."""
+    indices = torch.tensor([0, 1, 0, -1])
+    first = slot_groups(indices)
+    assert [(slot, rows.tolist()) for slot, rows in first] == [(0, [0, 2]), (1, [1])]
+    assert slot_groups(indices.clone()) is first
+    indices[1] = 0
+    assert [(slot, rows.tolist()) for slot, rows in slot_groups(indices)] == [(0, [0, 1, 2])]
+    indices.fill_(2)
+    assert slot_groups(indices) == [(2, slice(None))]

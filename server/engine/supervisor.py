@@ -19,6 +19,7 @@ from pathlib import Path
 
 from server.config import Settings
 from server.engine.chat_template import engine_tool_args
+from server.engine.vllm_fix import GROUPED_OPS_ENV
 
 log = logging.getLogger("loraserve.supervisor")
 
@@ -73,6 +74,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",  # no telemetry calls from a private server
         "HF_HUB_OFFLINE": "1",  # the model is local; never reach for a hub
         "TRANSFORMERS_OFFLINE": "1",
+        GROUPED_OPS_ENV: str(settings.engine_grouped_lora_ops).lower(),  # read by the vLLM plugin in the engine
     })
     return env
 

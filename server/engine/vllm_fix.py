@@ -1,10 +1,13 @@
-"""A vLLM plugin that makes base-model rows of a mixed LoRA batch add nothing on the CPU backend.
+"""A vLLM plugin for the CPU backend's LoRA ops: base-model rows of a mixed batch get no adapter, and the
+adapter rows are computed one matmul per slot (server/engine/grouped_lora_ops.py).
 
 vLLM's CPU LoRA ops (`vllm/lora/ops/torch_ops/lora_ops.py`, 0.32) pick each row's adapter with
 `weights[indices]`; a base-model row's index is -1, which selects the LAST adapter slot, so a base-model
 request batched with adapter requests is served with another tenant's adapter (vllm-project/vllm#48421,
 open). The GPU kernels skip such rows. This plugin wraps the three row-wise ops so rows with index -1
-keep their output untouched, as the GPU kernels do; rows with an adapter are computed exactly as before.
+keep their output untouched, as the GPU kernels do. By default it also replaces vLLM's per-token weight gather
+with the grouped ops; `LORASERVE_ENGINE_GROUPED_LORA_OPS=false` (a setting, which the gateway passes to the engine's
+processes, where this runs) keeps vLLM's own math, with only the -1 rule.
 
 vLLM loads it in every engine process through the `vllm.general_plugins` entry point of this package
 (see pyproject.toml), so every engine started from this installation (`loraserve engine`, the embedded
@@ -15,9 +18,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
-log = logging.getLogger("loraserve.vllm_fix")
+# Under vLLM's own logger, whose handler writes the engine log (a logger of another name has none there).
+log = logging.getLogger("vllm.plugins.loraserve")
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+GROUPED_OPS_ENV = "LORASERVE_ENGINE_GROUPED_LORA_OPS"  # the one gateway setting the engine is given (supervisor.py)
 
 
 def register() -> None:
@@ -27,15 +33,29 @@ def register() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without these modules: nothing to fix
         return
+    from server.engine.grouped_lora_ops import GROUPED  # torch: imported in engine processes only
+
+    grouped, patched = grouped_ops_enabled(), False
     for name in _OPS:
         original = getattr(lora_ops, name)
         if getattr(original, "_skips_no_lora_rows", False):
-            continue
+            continue  # vLLM may load plugins more than once in a process
+        patched = True
         fixed = skip_no_lora_rows(original)
+        if grouped:
+            fixed = functools.wraps(original)(GROUPED[name](fixed))
+            fixed._skips_no_lora_rows = True
         setattr(lora_ops, name, fixed)  # the sgmv_* ops call these through the module
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, fixed)  # imported there by name
-    log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter")
+    if patched:
+        log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter; %s",
+                 "adapter rows grouped by slot (one matmul per slot)" if grouped
+                 else "vLLM's per-token ops (LORASERVE_ENGINE_GROUPED_LORA_OPS=false)")
+
+
+def grouped_ops_enabled() -> bool:
+    return os.environ.get(GROUPED_OPS_ENV, "true").strip().lower() not in ("0", "false", "no")
 
 
 def skip_no_lora_rows(op):
