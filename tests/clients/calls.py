@@ -1,8 +1,9 @@
 """What the framework scripts here share: where the gateway is, and one JSON report of every case.
 
-Each script in this folder runs in the clients' own venv (`make clients-venv`: the frameworks' current releases,
-whose pins clash with the engine's), drives the gateway the way a user of that framework would, and prints one
-JSON object: case name -> what the framework returned, or {"error": "..."} so one failing case hides no other.
+Each script in this folder runs in its framework's own venv (`make clients-venvs`: current releases, whose pins
+clash with the engine's and with each other's), drives the gateway the way a user of that framework would, and
+prints one JSON object: case name -> what the framework returned, or {"error": "..."} so one failing case hides
+no other.
 """
 
 from __future__ import annotations
