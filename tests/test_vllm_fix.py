@@ -15,7 +15,7 @@ from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 
 from server.engine import vllm_fix
-from server.engine.grouped_lora_ops import GROUPED, slot_groups
+from server.engine.grouped_lora_ops import GROUPED, slot_groups, slot_matrices
 
 
 def stacked(slots: int, rows: int, cols: int) -> torch.Tensor:
@@ -115,6 +115,10 @@ def test_grouped_ops_cast_like_vllm():
     vllm_op("bgmv_shrink")(x, a, expected, indices, 1.0)
     GROUPED["bgmv_shrink"](vllm_op("bgmv_shrink"))(x, a, got, indices, 1.0)
     torch.testing.assert_close(got, expected)
+    a[1].mul_(-2)  # a new adapter in slot 1: the fp32 copies of the bf16 stack must be made again
+    vllm_op("bgmv_shrink")(x, a, expected, indices, 1.0)
+    GROUPED["bgmv_shrink"](vllm_op("bgmv_shrink"))(x, a, got, indices, 1.0)
+    torch.testing.assert_close(got, expected)
     b = torch.randn(3, 1, 24, 8, generator=generator).bfloat16()
     expected, got = torch.zeros(6, 24).bfloat16(), torch.zeros(6, 24).bfloat16()
     vllm_op("bgmv_expand")(expected.float()[:, :8], b, expected, indices, True)
@@ -165,9 +169,56 @@ def test_slot_groups_follow_the_indices_values_not_the_tensor():
     so an in-place change must give fresh groups, and equal values in another tensor the same ones."""
     indices = torch.tensor([0, 1, 0, -1])
     first = slot_groups(indices)
-    assert [(slot, rows.tolist()) for slot, rows in first] == [(0, [0, 2]), (1, [1])]
+    assert first.order.tolist() == [0, 2, 1] and first.spans == [(0, 0, 2), (1, 2, 3)]
     assert slot_groups(indices.clone()) is first
     indices[1] = 0
-    assert [(slot, rows.tolist()) for slot, rows in slot_groups(indices)] == [(0, [0, 1, 2])]
+    assert slot_groups(indices).order.tolist() == [0, 1, 2] and slot_groups(indices).spans == [(0, 0, 3)]
     indices.fill_(2)
-    assert slot_groups(indices) == [(2, slice(None))]
+    assert slot_groups(indices) == (None, [(2, 0, 4)])
+    indices.fill_(-1)
+    assert slot_groups(indices) == (None, [])
+
+
+def test_slots_without_weights_skip_the_math_and_still_equal_vllms_ops():
+    """vLLM stacks zeros in every module an adapter does not target (its MLP, for a q/k/v/o adapter); the grouped
+    ops skip those slots. A skipped shrink must still write its zeros, an expand that does not add as well, on
+    output buffers holding garbage."""
+    generator = torch.Generator().manual_seed(11)
+    indices = torch.tensor([0, 1, 2, -1, 1, 0, 2, 2])
+    a, b, b_slice = (torch.randn(3, 1, *shape, generator=generator) for shape in ((8, 32), (24, 8), (16, 8)))
+    for stack in (a, b, b_slice):
+        stack[1] = 0  # vLLM's reset_lora
+    x, h = torch.randn(8, 32, generator=generator), torch.randn(8, 8, generator=generator)
+    check_against_vllm("bgmv_shrink", indices, (x, a, 0.5), 8, generator, "slot 1 empty")
+    assert [m is not None for m in slot_matrices(a, 8, a.dtype)] == [True, False, True]
+    for add in (True, False):
+        check_against_vllm("bgmv_expand", indices, (h, b, add), 24, generator, f"slot 1 empty, add {add}")
+        check_against_vllm("bgmv_expand_slice", indices, (h, b_slice, 8, 16, add), 32, generator,
+                           f"slot 1 empty, add {add}")
+    one_empty_slot = torch.ones(8, dtype=torch.long)
+    check_against_vllm("bgmv_shrink", one_empty_slot, (x, a, 0.5), 8, generator, "the batch's one slot empty")
+    check_against_vllm("bgmv_expand", one_empty_slot, (h, b, False), 24, generator, "the batch's one slot empty")
+
+
+def test_which_slots_hold_weights_follows_every_write_to_the_stack():
+    """The answer is kept per stack; vLLM writes a slot in place on each adapter load (a copy into a view of the
+    stack) and unload (an assignment of zeros), so each write must be seen, or a newly loaded adapter would be
+    skipped (or an unloaded one still applied)."""
+    generator = torch.Generator().manual_seed(12)
+    stack = torch.zeros(4, 1, 8, 32)
+
+    def live_slots(weights):
+        return [m is not None for m in slot_matrices(weights, 8, weights.dtype)]
+
+    assert live_slots(stack) == [False] * 4
+    stack[2, 0, :4, :].copy_(torch.randn(4, 32, generator=generator))  # set_lora: a smaller rank into the slot
+    assert live_slots(stack) == [False, False, True, False]
+    indices, x = torch.tensor([2, 2, 0, 3]), torch.randn(4, 32, generator=generator)
+    check_against_vllm("bgmv_shrink", indices, (x, stack, 1.0), 8, generator, "after a load")
+    stack[2, 0, :4, :].mul_(2)  # another adapter into the same slot: the kept matrices must not be stale
+    check_against_vllm("bgmv_shrink", indices, (x, stack, 1.0), 8, generator, "after a reload")
+    stack[2] = 0  # reset_lora
+    assert live_slots(stack) == [False] * 4
+    check_against_vllm("bgmv_shrink", indices, (x, stack, 1.0), 8, generator, "after an unload")
+    other = torch.ones(4, 1, 8, 32)  # another stack (maybe at a freed one's address) has its own answer
+    assert live_slots(other) == [True] * 4

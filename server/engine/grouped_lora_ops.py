@@ -9,18 +9,33 @@ as vLLM's GPU kernels leave them (vllm-project/vllm#48421: the CPU ops give them
 Signatures and semantics are those of vLLM's `bgmv_shrink`, `bgmv_expand` and `bgmv_expand_slice`; the
 `sgmv_*` prefill ops call these through their module, so one patch covers prefill and decode. Shapes the
 grouping does not cover (an output whose row count differs from the indices') go to `fallback`, vLLM's own op.
+
+vLLM wraps every linear module of the model for LoRA, whatever the adapters target: an adapter trained on
+q/k/v/o has all-zero stacks in the MLP's slots, where the math adds exact zeros. `live_slots` knows which slots
+of a stack hold any weight (checked again whenever the stack is written: torch's version counter), and the ops
+skip the others: an expand adds nothing, a shrink writes its zeros without a matmul.
 Pure torch: nothing here imports vLLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 
-def slot_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]:
-    """(slot, rows) for each adapter slot in `indices`; rows is a slice when the whole batch shares one slot.
+class SlotGroups(NamedTuple):
+    """A batch's rows grouped by adapter slot. `order` lists the rows with an adapter, sorted by slot (None when
+    every row has the same one); each span (slot, start, end) is a run of `order` (of the batch, when None)."""
+
+    order: torch.Tensor | None
+    spans: list[tuple[int, int, int]]
+
+
+def slot_groups(indices: torch.Tensor) -> SlotGroups:
+    """The rows of each adapter slot in `indices` (-1: no adapter, in no group).
 
     Every LoRA layer of one forward step asks with the same indices (hundreds of calls a step), so the last
     few answers are kept, keyed by the indices' values: comparing them costs ~1 us, grouping ~20 us."""
@@ -29,57 +44,95 @@ def slot_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]
             if i:
                 _recent.insert(0, _recent.pop(i))
             return groups
-    groups = list(_slot_groups(indices))
+    groups = _slot_groups(indices)
     _recent.insert(0, (indices.clone(), groups))
     del _recent[_RECENT:]
     return groups
 
 
 _RECENT = 4  # token indices (decode or prefill), sampler indices, and a spare
-_recent: list[tuple[torch.Tensor, list]] = []
+_recent: list[tuple[torch.Tensor, SlotGroups]] = []
 
 
-def _slot_groups(indices: torch.Tensor) -> Iterator[tuple[int, torch.Tensor | slice]]:
+def _slot_groups(indices: torch.Tensor) -> SlotGroups:
     first, last = int(indices.min()), int(indices.max())
     if first == last:  # decode with one adapter, or a prefill of one request: no gather at all
-        if first >= 0:
-            yield first, slice(None)
-        return
+        return SlotGroups(None, [(first, 0, indices.shape[0])] if first >= 0 else [])
     order = torch.argsort(indices, stable=True)
     slots, counts = torch.unique_consecutive(indices[order], return_counts=True)
-    for slot, rows in zip(slots.tolist(), torch.split(order, counts.tolist()), strict=True):
+    spans, start = [], 0
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
         if slot >= 0:
-            yield slot, rows
+            spans.append((slot, start, start + count))
+        start += count
+    skipped = spans[0][1] if spans else start  # the -1 rows sort first
+    return SlotGroups(order[skipped:], [(slot, a - skipped, b - skipped) for slot, a, b in spans])
 
 
-def _matrix(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    """One slot's (out x in) matrix; vLLM stacks them as (slots, 1, out, in) or (slots, out, in)."""
-    matrix = weights[slot]
-    return (matrix[0] if matrix.dim() == 3 else matrix).to(dtype=dtype)
+def slot_matrices(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Each slot's matrix, transposed, its first `rows` rows (out x in before the transpose), or None for a slot
+    whose weights are all zero. vLLM stacks them as (slots, 1, out, in) or (slots, out, in).
+
+    Kept per tensor until the tensor is written again: vLLM's set_lora/reset_lora write the stacks in place
+    (a copy into a view, or an assignment), which bumps the version counter the views share with the stack.
+    The matrices are views of the stack (copies only where `dtype` differs from the stack's)."""
+    key = id(weights)
+    known = _matrices.get(key)
+    if known is not None and known[0]() is weights and known[1] == (weights._version, rows, dtype):
+        return known[2]
+    live = weights.reshape(weights.shape[0], -1).ne(0).any(dim=1).tolist()
+    flat = weights[:, 0] if weights.dim() == 4 else weights
+    matrices = [flat[slot, :rows].to(dtype=dtype).T if alive else None for slot, alive in enumerate(live)]
+    _matrices[key] = (weakref.ref(weights, lambda _, key=key: _matrices.pop(key, None)),
+                      (weights._version, rows, dtype), matrices)
+    return matrices
 
 
-def _rows(x: torch.Tensor, rows: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
-    return x[rows].to(dtype=dtype)
+_matrices: dict[int, tuple[weakref.ref, tuple, list]] = {}
 
 
-def _store(output: torch.Tensor, rows, cols: slice, values: torch.Tensor, add: bool) -> None:
-    if isinstance(rows, slice):
-        view = output[:, cols]
-        view.add_(values) if add else view.copy_(values)
-    elif add:
-        output[rows, cols] += values
-    else:
-        output[rows, cols] = values
+def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, indices: torch.Tensor, cols: slice,
+           add: bool, scaling: float = 1.0) -> None:
+    """output[rows, cols] = (or +=) inputs[rows] @ W[slot][:width].T * scaling, for each slot's rows.
+
+    The rows of a batch are gathered once in slot order, each slot's run is one matmul into its part of one
+    buffer, and the buffer goes back into the output once. Slots whose weights are all zero do no matmul."""
+    view, width = output[:, cols], cols.stop - cols.start
+    matrices, groups = slot_matrices(weights, width, output.dtype), slot_groups(indices)
+    if groups.order is None:  # one slot (or none) for the whole batch: no gather, no scatter
+        for slot, _, _ in groups.spans:
+            if matrices[slot] is None:
+                if not add:
+                    view.zero_()
+                continue
+            values = inputs.to(output.dtype) @ matrices[slot]
+            if scaling != 1.0:
+                values.mul_(scaling)
+            view.add_(values) if add else view.copy_(values)
+        return
+    order = groups.order
+    if all(matrices[slot] is None for slot, _, _ in groups.spans):
+        if not add:
+            view.index_fill_(0, order, 0)
+        return
+    gathered = inputs.index_select(0, order).to(output.dtype)
+    values = torch.empty((order.shape[0], width), dtype=output.dtype)
+    for slot, start, end in groups.spans:
+        if matrices[slot] is not None:
+            torch.matmul(gathered[start:end], matrices[slot], out=values[start:end])
+        else:
+            values[start:end].zero_()
+    if scaling != 1.0:
+        values.mul_(scaling)
+    view.index_add_(0, order, values) if add else view.index_copy_(0, order, values)
 
 
 def grouped_shrink(fallback: Callable) -> Callable:
     def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
         if not _groupable(inputs, output_tensor, lora_indices_tensor):
             return fallback(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
-        dtype = output_tensor.dtype
-        for slot, rows in slot_groups(lora_indices_tensor):
-            shrunk = _rows(inputs, rows, dtype) @ _matrix(lora_a_weights, slot, dtype).T
-            _store(output_tensor, rows, slice(0, shrunk.shape[1]), shrunk.mul_(scaling), add=False)
+        rank = slice(0, lora_a_weights.shape[-2])
+        _apply(inputs, lora_a_weights, output_tensor, lora_indices_tensor, rank, add=False, scaling=scaling)
 
     return bgmv_shrink
 
@@ -88,13 +141,9 @@ def grouped_expand(fallback: Callable) -> Callable:
     def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
         if not _groupable(inputs, output_tensor, lora_indices_tensor):
             return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
-        dtype = output_tensor.dtype
-        for slot, rows in slot_groups(lora_indices_tensor):
-            matrix = _matrix(lora_b_weights, slot, dtype)
-            # LoRA and model may pad their outputs differently: write the columns both have
-            width = min(matrix.shape[0], output_tensor.shape[1])
-            expanded = _rows(inputs, rows, dtype) @ matrix[:width].T
-            _store(output_tensor, rows, slice(0, width), expanded, add=add_inputs)
+        # LoRA and model may pad their outputs differently: write the columns both have
+        cols = slice(0, min(lora_b_weights.shape[-2], output_tensor.shape[1]))
+        _apply(inputs, lora_b_weights, output_tensor, lora_indices_tensor, cols, add=add_inputs)
 
     return bgmv_expand
 
@@ -105,10 +154,8 @@ def grouped_expand_slice(fallback: Callable) -> Callable:
         if not _groupable(inputs, output_tensor, lora_indices_tensor):
             return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                             add_inputs)
-        dtype = output_tensor.dtype
-        for slot, rows in slot_groups(lora_indices_tensor):
-            expanded = _rows(inputs, rows, dtype) @ _matrix(lora_b_weights, slot, dtype).T
-            _store(output_tensor, rows, slice(slice_offset, slice_offset + slice_size), expanded, add=add_inputs)
+        cols = slice(slice_offset, slice_offset + slice_size)
+        _apply(inputs, lora_b_weights, output_tensor, lora_indices_tensor, cols, add=add_inputs)
 
     return bgmv_expand_slice
 
