@@ -14,6 +14,14 @@ requests of exactly --max-tokens output tokens (min_tokens = max_tokens, tempera
 answer), at most --concurrency at a time. TTFT is client-side, from sending a request to its first content
 chunk. A failed request counts no tokens, shows in the errors column, and makes the script exit non-zero.
 
+Then the 1,000-adapter row, on the same gateway: --zipf-adapters rank-8 adapters (fresh random weights, ~3.5 MB
+each) uploaded through the admin API, --upload-concurrency at a time (each upload is validated and loaded on the
+engine once, as an operator's is), then --zipf-requests streamed requests Zipf-skewed (s=1.1) over all of them:
+most adapters come from disk into the engine's CPU cache (16) and its slots (4) on first use (the engine reloads
+an adapter evicted from its cache by itself, so the gateway's load counter does not see these). Reported: upload
+time, the registry's size on disk, distinct adapters asked for, p50/p99 TTFT, errors, and p99 TTFT over the
+one-adapter row's.
+
 PEFT side (bench/peft_baseline.py, a child process started after the gateway stopped, so the two never share
 the cores): rows base, 1, 16-uniform, 64-uniform and 64-skewed, on the first --peft-requests requests of the
 same sequences (PEFT is slow on CPU), all arriving at t=0 and served in order in batches of consecutive
@@ -39,6 +47,7 @@ from pathlib import Path
 
 import httpx
 from harness import REPO, BenchServer, make_adapters, print_table
+from safetensors.torch import load_file, save
 
 from adapters.basemodel import ensure_default_model
 from server.storage.factory import build_registry, build_store
@@ -130,9 +139,58 @@ async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | 
             "ttft_s": [r[0] for r in done], "ttft_from_start_s": [r and r[1] for r in results], "errors": errors}
 
 
+def adapter_files(template: Path, seed: int) -> list[tuple[str, tuple[str, bytes]]]:
+    """A new adapter shaped like `template` (its config; fresh random weights): upload parts for the admin API."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {name: torch.randn(t.shape, generator=generator) * 0.02
+               for name, t in load_file(template / "adapter_model.safetensors").items()}
+    return [("files", ("adapter_config.json", (template / "adapter_config.json").read_bytes())),
+            ("files", ("adapter_model.safetensors", save(weights)))]
+
+
+async def upload_all(server: BenchServer, template: Path, names: list[str], concurrency: int) -> None:
+    """Uploads every adapter as an operator would (one adapter a call); exits at the first refusal."""
+    limit, refused = asyncio.Semaphore(concurrency), []
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int, name: str) -> None:
+            files = adapter_files(template, 10_000 + i)
+            async with limit:
+                if refused:
+                    return
+                reply = await client.post(f"{server.url}/admin/tenants/bench/adapters", headers=server.admin_auth,
+                                          data={"name": name}, files=files)
+            if reply.status_code != 201:
+                refused.append(f"upload of {name} failed: HTTP {reply.status_code}: {reply.text[:300]}")
+            elif (i + 1) % 100 == 0:
+                print(f"uploaded {i + 1}/{len(names)}", flush=True)
+
+        await asyncio.gather(*(one(i, name) for i, name in enumerate(names)))
+    if refused:
+        sys.exit(refused[0])
+
+
+def run_zipf_row(server: BenchServer, template: Path, args, phases: dict[str, float]) -> dict:
+    names = [f"z-a{i}" for i in range(args.zipf_adapters)]
+    began = time.monotonic()
+    asyncio.run(upload_all(server, template, names, args.upload_concurrency))
+    phases["uploads"] = upload_s = time.monotonic() - began
+    registry = server.settings.registry_path / "bench"
+    size = sum(f.stat().st_size for name in names for f in (registry / name).rglob("*") if f.is_file())
+    seq = sequence(len(names), "skewed", args.zipf_requests, args.seed)
+    began = time.monotonic()
+    row = asyncio.run(run_row(server, names, seq, args))
+    phases["1000-adapter row"] = time.monotonic() - began
+    row.update(upload_s=upload_s, registry_bytes=size, distinct=len({a for a, _ in seq}))
+    print(f"vllm {len(names)}-zipf: {row['tokens_per_s']:.1f} tok/s", flush=True)
+    return row
+
+
 def run_vllm(args, folders: list[Path], phases: dict[str, float]) -> dict:
     results = {}
-    with BenchServer(LORASERVE_ENGINE_MAX_LORAS="4", LORASERVE_ENGINE_MAX_CPU_LORAS="16") as server:
+    with BenchServer(LORASERVE_ENGINE_MAX_LORAS="4", LORASERVE_ENGINE_MAX_CPU_LORAS="16",
+                     LORASERVE_TENANT_MAX_ADAPTERS=str(sum(n for _, n, _ in ROWS) + args.zipf_adapters)) as server:
         phases["engine start"] = server.start_seconds
         began = time.monotonic()
         store = build_store(server.settings)
@@ -152,6 +210,8 @@ def run_vllm(args, folders: list[Path], phases: dict[str, float]) -> dict:
             results[label]["adapter_loads"] = adapter_loads(server) - loads
             print(f"vllm {label}: {results[label]['tokens_per_s']:.1f} tok/s", flush=True)
         phases["vLLM rows"] = time.monotonic() - began
+        if args.zipf_adapters:
+            results["zipf"] = run_zipf_row(server, folders[0], args, phases)
     return results
 
 
@@ -179,6 +239,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--peft-threads", type=int, default=2, help="torch threads of the PEFT baseline")
+    parser.add_argument("--zipf-adapters", type=int, default=1000, help="adapters of the last row (0: no row)")
+    parser.add_argument("--zipf-requests", type=int, default=200, help="requests of the last row")
+    parser.add_argument("--upload-concurrency", type=int, default=4, help="admin API uploads at once")
     args = parser.parse_args()
     args.peft_requests = min(args.peft_requests, args.requests)
     began, phases = time.monotonic(), {}
@@ -201,6 +264,19 @@ def main() -> None:
                 "warm-up: first loads and swaps are counted", ["adapters", "distribution", "output tokens/s",
                 "ratio to base", "TTFT p50 ms", "TTFT p99 ms", "adapter loads", "errors"],
                 rows, {"vllm": vllm, "phases_s": phases})
+
+    if "zipf" in vllm:
+        z, one = vllm["zipf"], vllm["1"]
+        print_table(f"{args.zipf_adapters} adapters uploaded through the admin API ({args.upload_concurrency} at a "
+                    f"time), then {args.zipf_requests} streamed requests of {args.max_tokens} tokens Zipf-skewed "
+                    f"(s=1.1) over them ({z['distinct']} distinct), {args.concurrency} concurrent; 4 engine slots, "
+                    "16 in its CPU cache", ["adapters", "upload s", "registry MB on disk", "output tokens/s",
+                    "ratio to base", "TTFT p50 ms", "TTFT p99 ms", "p99 TTFT / one adapter's", "errors"],
+                    [[str(args.zipf_adapters), f"{z['upload_s']:.0f}", f"{z['registry_bytes'] / 1e6:.0f}",
+                      f"{z['tokens_per_s']:.1f}", f"{z['tokens_per_s'] / base:.2f}", ms(z["ttft_s"], 0.5),
+                      ms(z["ttft_s"], 0.99), f"{quantile(z['ttft_s'], 0.99) / quantile(one['ttft_s'], 0.99):.2f}"
+                      if z["ttft_s"] else "-", str(len(z["errors"]))]],
+                    {"zipf": z})
 
     rows = []
     for label in PEFT_ROWS:
