@@ -2,17 +2,19 @@
 
 vLLM 0.32's CPU ops (`vllm/lora/ops/torch_ops/lora_ops.py`) gather `weights[indices]`: a whole (out x rank)
 matrix copied for every token, then a batched einsum; at 512 prefill tokens that is ~25x the math itself. Here
-the rows of a batch are grouped by slot (one stable sort of the indices) and each group does
-`x[rows] @ W[slot].T`: the same sums, no weight copies. Rows of index -1 (no adapter) are left as they were,
-as vLLM's GPU kernels leave them (vllm-project/vllm#48421: the CPU ops give them the last slot's adapter).
+the rows of a batch are grouped by slot (one stable sort of the indices, kept for the step's other calls),
+gathered once in that order, each slot's run does one `x[rows] @ W[slot].T` into one buffer, and the buffer is
+scattered back once: the same sums, no weight copies, a few torch calls per slot. Rows of index -1 (no adapter)
+are left as they were, as vLLM's GPU kernels leave them (vllm-project/vllm#48421: the CPU ops give them the last
+slot's adapter).
 
 Signatures and semantics are those of vLLM's `bgmv_shrink`, `bgmv_expand` and `bgmv_expand_slice`; the
 `sgmv_*` prefill ops call these through their module, so one patch covers prefill and decode. Shapes the
 grouping does not cover (an output whose row count differs from the indices') go to `fallback`, vLLM's own op.
 
 vLLM wraps every linear module of the model for LoRA, whatever the adapters target: an adapter trained on
-q/k/v/o has all-zero stacks in the MLP's slots, where the math adds exact zeros. `live_slots` knows which slots
-of a stack hold any weight (checked again whenever the stack is written: torch's version counter), and the ops
+q/k/v/o has all-zero stacks in the MLP's slots, where the math adds exact zeros. `slot_matrices` knows which
+slots of a stack hold any weight (checked again whenever the stack is written: torch's version counter), and the ops
 skip the others: an expand adds nothing, a shrink writes its zeros without a matmul.
 Pure torch: nothing here imports vLLM.
 """
@@ -83,11 +85,14 @@ def slot_matrices(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> list[
     live = weights.reshape(weights.shape[0], -1).ne(0).any(dim=1).tolist()
     flat = weights[:, 0] if weights.dim() == 4 else weights
     matrices = [flat[slot, :rows].to(dtype=dtype).T if alive else None for slot, alive in enumerate(live)]
+    if len(_matrices) >= _MATRICES_KEPT:  # the views keep their stack alive: bound what short-lived tensors leave
+        _matrices.clear()
     _matrices[key] = (weakref.ref(weights, lambda _, key=key: _matrices.pop(key, None)),
                       (weights._version, rows, dtype), matrices)
     return matrices
 
 
+_MATRICES_KEPT = 4096  # an engine has a few hundred stacks (2 per wrapped module and slice)
 _matrices: dict[int, tuple[weakref.ref, tuple, list]] = {}
 
 
@@ -116,7 +121,7 @@ def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, in
             view.index_fill_(0, order, 0)
         return
     gathered = inputs.index_select(0, order).to(output.dtype)
-    values = torch.empty((order.shape[0], width), dtype=output.dtype)
+    values = torch.empty((order.shape[0], width), dtype=output.dtype, device=output.device)
     for slot, start, end in groups.spans:
         if matrices[slot] is not None:
             torch.matmul(gathered[start:end], matrices[slot], out=values[start:end])
