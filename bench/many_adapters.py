@@ -181,7 +181,7 @@ def run_zipf_row(server: BenchServer, template: Path, args, phases: dict[str, fl
     seq = sequence(len(names), "skewed", args.zipf_requests, args.seed)
     began = time.monotonic()
     row = asyncio.run(run_row(server, names, seq, args))
-    phases["1000-adapter row"] = time.monotonic() - began
+    phases[f"{len(names)}-adapter row"] = time.monotonic() - began
     row.update(upload_s=upload_s, registry_bytes=size, distinct=len({a for a, _ in seq}))
     print(f"vllm {len(names)}-zipf: {row['tokens_per_s']:.1f} tok/s", flush=True)
     return row
