@@ -3,7 +3,7 @@ alone, and against Hugging Face PEFT serving one adapter at a time (the S-LoRA p
 
     make bench            (or: .venv/bin/python bench/many_adapters.py [--requests 24] [--peft-requests 12])
 
-vLLM side: one gateway with its embedded engine, --max-loras 4 and --max-cpu-loras 16 (the default), so with
+vLLM side: one gateway with its embedded engine, --max-loras 4 and --max-cpu-loras 16 (this script's defaults), so with
 16 and 64 adapters the engine must swap adapters in and out. Rows: the base model alone (the baseline), then
 1, 4, 16 and 64 rank-8 adapters (random weights), requests spread uniformly or skewed (Zipf, s=1.1) over them
 (with one adapter both are the same: one row). Each row has its own adapters (fresh names, published straight
@@ -189,7 +189,8 @@ def run_zipf_row(server: BenchServer, template: Path, args, phases: dict[str, fl
 
 def run_vllm(args, folders: list[Path], phases: dict[str, float]) -> dict:
     results = {}
-    with BenchServer(LORASERVE_ENGINE_MAX_LORAS="4", LORASERVE_ENGINE_MAX_CPU_LORAS="16",
+    with BenchServer(LORASERVE_ENGINE_MAX_LORAS=str(args.max_loras),
+                     LORASERVE_ENGINE_MAX_CPU_LORAS=str(args.max_cpu_loras),
                      LORASERVE_TENANT_MAX_ADAPTERS=str(sum(n for _, n, _ in ROWS) + args.zipf_adapters)) as server:
         phases["engine start"] = server.start_seconds
         began = time.monotonic()
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--peft-threads", type=int, default=2, help="torch threads of the PEFT baseline")
+    parser.add_argument("--max-loras", type=int, default=4, help="engine slots (adapters in one batch)")
+    parser.add_argument("--max-cpu-loras", type=int, default=16, help="adapters the engine keeps in memory")
     parser.add_argument("--zipf-adapters", type=int, default=1000, help="adapters of the last row (0: no row)")
     parser.add_argument("--zipf-requests", type=int, default=200, help="requests of the last row")
     parser.add_argument("--upload-concurrency", type=int, default=4, help="admin API uploads at once")
@@ -259,7 +262,8 @@ def main() -> None:
     rows = [[label, dist, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}", ms(r["ttft_s"], 0.5),
              ms(r["ttft_s"], 0.99), f"{r['adapter_loads']:.0f}", str(len(r["errors"]))]
             for (label, _, dist), r in ((row, vllm[row[0]]) for row in ROWS)]
-    print_table(f"vLLM through the gateway (--max-loras 4, --max-cpu-loras 16): {args.requests} streamed requests of "
+    print_table(f"vLLM through the gateway (--max-loras {args.max_loras}, --max-cpu-loras {args.max_cpu_loras}): "
+                f"{args.requests} streamed requests of "
                 f"{args.max_tokens} tokens per row (same seeded sequence), {args.concurrency} concurrent; no adapter "
                 "warm-up: first loads and swaps are counted", ["adapters", "distribution", "output tokens/s",
                 "ratio to base", "TTFT p50 ms", "TTFT p99 ms", "adapter loads", "errors"],
@@ -269,9 +273,10 @@ def main() -> None:
         z, one = vllm["zipf"], vllm["1"]
         print_table(f"{args.zipf_adapters} adapters uploaded through the admin API ({args.upload_concurrency} at a "
                     f"time), then {args.zipf_requests} streamed requests of {args.max_tokens} tokens Zipf-skewed "
-                    f"(s=1.1) over them ({z['distinct']} distinct), {args.concurrency} concurrent; 4 engine slots, "
-                    "16 in its CPU cache", ["adapters", "upload s", "registry MB on disk", "output tokens/s",
-                    "ratio to base", "TTFT p50 ms", "TTFT p99 ms", "p99 TTFT / one adapter's", "errors"],
+                    f"(s=1.1) over them ({z['distinct']} distinct), {args.concurrency} concurrent; "
+                    f"{args.max_loras} engine slots, {args.max_cpu_loras} in its CPU cache",
+                    ["adapters", "upload s", "registry MB on disk", "output tokens/s", "ratio to base", "TTFT p50 ms",
+                     "TTFT p99 ms", "p99 TTFT / one adapter's", "errors"],
                     [[str(args.zipf_adapters), f"{z['upload_s']:.0f}", f"{z['registry_bytes'] / 1e6:.0f}",
                       f"{z['tokens_per_s']:.1f}", f"{z['tokens_per_s'] / base:.2f}", ms(z["ttft_s"], 0.5),
                       ms(z["ttft_s"], 0.99), f"{quantile(z['ttft_s'], 0.99) / quantile(one['ttft_s'], 0.99):.2f}"
