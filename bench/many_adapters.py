@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 from harness import REPO, BenchServer, make_adapters, print_table
 from safetensors.torch import load_file, save
 
@@ -139,23 +140,22 @@ async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | 
             "ttft_s": [r[0] for r in done], "ttft_from_start_s": [r and r[1] for r in results], "errors": errors}
 
 
-def adapter_files(template: Path, seed: int) -> list[tuple[str, tuple[str, bytes]]]:
-    """A new adapter shaped like `template` (its config; fresh random weights): upload parts for the admin API."""
-    import torch
-
+def adapter_files(config: bytes, shapes: dict[str, torch.Size], seed: int) -> list[tuple[str, tuple[str, bytes]]]:
+    """A new adapter with this config and weight shapes, fresh random weights: upload parts for the admin API."""
     generator = torch.Generator().manual_seed(seed)
-    weights = {name: torch.randn(t.shape, generator=generator) * 0.02
-               for name, t in load_file(template / "adapter_model.safetensors").items()}
-    return [("files", ("adapter_config.json", (template / "adapter_config.json").read_bytes())),
-            ("files", ("adapter_model.safetensors", save(weights)))]
+    weights = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    return [("files", ("adapter_config.json", config)), ("files", ("adapter_model.safetensors", save(weights)))]
 
 
 async def upload_all(server: BenchServer, template: Path, names: list[str], concurrency: int) -> None:
-    """Uploads every adapter as an operator would (one adapter a call); exits at the first refusal."""
+    """Uploads every adapter (shaped like `template`) as an operator would, one adapter a call; exits at the
+    first refusal."""
+    config = (template / "adapter_config.json").read_bytes()
+    shapes = {name: t.shape for name, t in load_file(template / "adapter_model.safetensors").items()}
     limit, refused = asyncio.Semaphore(concurrency), []
     async with httpx.AsyncClient(timeout=300) as client:
         async def one(i: int, name: str) -> None:
-            files = adapter_files(template, 10_000 + i)
+            files = adapter_files(config, shapes, 10_000 + i)
             async with limit:
                 if refused:
                     return

@@ -105,15 +105,17 @@ def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, in
     view, width = output[:, cols], cols.stop - cols.start
     matrices, groups = slot_matrices(weights, width, output.dtype), slot_groups(indices)
     if groups.order is None:  # one slot (or none) for the whole batch: no gather, no scatter
-        for slot, _, _ in groups.spans:
-            if matrices[slot] is None:
-                if not add:
-                    view.zero_()
-                continue
-            values = inputs.to(output.dtype) @ matrices[slot]
-            if scaling != 1.0:
-                values.mul_(scaling)
-            view.add_(values) if add else view.copy_(values)
+        if not groups.spans:
+            return
+        matrix = matrices[groups.spans[0][0]]
+        if matrix is None:
+            if not add:
+                view.zero_()
+            return
+        values = inputs.to(output.dtype) @ matrix
+        if scaling != 1.0:
+            values.mul_(scaling)
+        view.add_(values) if add else view.copy_(values)
         return
     order = groups.order
     if all(matrices[slot] is None for slot, _, _ in groups.spans):
