@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.basemodel import DEFAULT_MODEL_ID, DEFAULT_SERVED_NAME
@@ -136,9 +136,12 @@ class Settings(BaseSettings):
     )
     engine_host: str = Field("127.0.0.1", description="Address of the embedded engine (private).")
     engine_port: int = Field(8001, description="Port of the embedded engine.")
-    engine_max_loras: int = Field(4, ge=1, description="Adapters in one batch on the engine (--max-loras).")
+    engine_max_loras: int = Field(
+        16, ge=1, description="Adapters in one batch on the engine (--max-loras); each slot costs the engine a "
+        "rank-sized copy of every LoRA-wrapped weight (~25 MB at rank 16 for SmolLM2-135M).")
     engine_max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank (--max-lora-rank).")
-    engine_max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    engine_max_cpu_loras: int = Field(
+        64, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras); at least engine_max_loras.")
     engine_max_model_len: int = Field(2048, ge=16, description="Context window (--max-model-len).")
     engine_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="Share of memory for the engine (--gpu-memory-utilization); sizes the KV cache "
@@ -209,6 +212,14 @@ class Settings(BaseSettings):
         if any(a.split("=")[0] in ("--host", "--port") for a in args):
             raise ValueError("set the engine's address with LORASERVE_ENGINE_HOST/PORT, not extra args")
         return args
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_the_slots(self):
+        """vLLM refuses to start with fewer CPU-cached adapters than slots: say so before starting it."""
+        if self.engine_max_cpu_loras < self.engine_max_loras:
+            raise ValueError(f"engine_max_cpu_loras ({self.engine_max_cpu_loras}) must be at least engine_max_loras "
+                             f"({self.engine_max_loras})")
+        return self
 
     @property
     def embedded_engine(self) -> bool:

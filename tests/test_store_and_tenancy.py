@@ -129,6 +129,13 @@ def test_engine_may_not_listen_publicly(host):
         Settings(_env_file=None, engine_extra_args="--host 0.0.0.0")
 
 
+def test_a_cpu_cache_smaller_than_the_engine_slots_is_refused_before_the_engine_starts():
+    """vLLM would fail at start with a message about its own flags; the setting names what to change."""
+    with pytest.raises(ValueError, match=r"engine_max_cpu_loras \(16\) must be at least engine_max_loras \(32\)"):
+        Settings(_env_file=None, engine_max_loras=32, engine_max_cpu_loras=16)
+    assert Settings(_env_file=None, engine_max_loras=32, engine_max_cpu_loras=32).engine_max_loras == 32
+
+
 def test_start_up_sweeps_only_stale_staging_leftovers(world):
     """A crashed publish's leftovers go; another gateway's publish in progress on a shared registry stays."""
     _, _, registry = world

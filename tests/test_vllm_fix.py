@@ -15,7 +15,7 @@ from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 
 from server.engine import vllm_fix
-from server.engine.grouped_lora_ops import GROUPED, slot_groups, slot_matrices
+from server.engine.grouped_lora_ops import GROUPED, padded_plan, slot_groups, slot_matrices
 
 
 def stacked(slots: int, rows: int, cols: int) -> torch.Tensor:
@@ -103,6 +103,32 @@ def test_grouped_ops_equal_vllms_ops(slots, rank, stacked_4d):
                                        generator, where)
                 check_against_vllm("bgmv_expand_slice", indices, (h, weights(16, rank), 8, 16, add), out,
                                    generator, where)
+
+
+def test_many_slots_with_few_rows_take_one_batched_matmul_and_equal_vllms_ops():
+    """Decode with many adapters (one row per slot, a few slots twice, empty slots, -1 rows) goes through the
+    padded batched matmul; padding repeats a real row whose products must never reach the output. A prefill
+    beside the decodes would pad too much and keeps the per-slot loop."""
+    generator = torch.Generator().manual_seed(21)
+    slots, rank, hidden, out = 16, 8, 48, 40
+    indices = torch.tensor([3, -1, 0, 5, 5, 9, 15, 2, 7, 3, 11, -1, 12, 1, 4, 6, 8, 10, 13, 14])
+    assert padded_plan(slot_groups(indices), slots) is not None, "this batch should take the batched path"
+    a, b = torch.randn(slots, 1, rank, hidden, generator=generator), torch.randn(slots, out, rank, generator=generator)
+    a[4], b[9] = 0, 0  # slots whose module the adapter does not target
+    x, h = torch.randn(len(indices), hidden, generator=generator), torch.randn(len(indices), rank, generator=generator)
+    check_against_vllm("bgmv_shrink", indices, (x, a, 0.5), rank, generator, "batched shrink")
+    for add in (True, False):
+        check_against_vllm("bgmv_expand", indices, (h, b, add), out, generator, f"batched expand, add {add}")
+        check_against_vllm("bgmv_expand_slice", indices, (h, b[:, :16], 8, 16, add), out, generator,
+                           f"batched expand_slice, add {add}")
+    bf16 = (x.bfloat16(), a.bfloat16(), 1.0)
+    expected, got = torch.zeros(len(indices), rank), torch.zeros(len(indices), rank)
+    vllm_op("bgmv_shrink")(*bf16[:2], expected, indices, bf16[2])
+    GROUPED["bgmv_shrink"](vllm_op("bgmv_shrink"))(*bf16[:2], got, indices, bf16[2])
+    torch.testing.assert_close(got, expected)
+
+    prefill = torch.cat([torch.full((64,), 3), torch.arange(16)])
+    assert padded_plan(slot_groups(prefill), slots) is None, "a long run should keep the per-slot loop"
 
 
 def test_grouped_ops_cast_like_vllm():

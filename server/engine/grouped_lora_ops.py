@@ -78,18 +78,58 @@ def slot_matrices(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> list[
     Kept per tensor until the tensor is written again: vLLM's set_lora/reset_lora write the stacks in place
     (a copy into a view, or an assignment), which bumps the version counter the views share with the stack.
     The matrices are views of the stack (copies only where `dtype` differs from the stack's)."""
+    return _slot_weights(weights, rows, dtype)[0]
+
+
+def _slot_weights(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+    """`slot_matrices`, and the same matrices as one (slots, in, rows) stack for a batched matmul."""
     key = id(weights)
     known = _matrices.get(key)
     if known is not None and known[0]() is weights and known[1] == (weights._version, rows, dtype):
         return known[2]
     live = weights.reshape(weights.shape[0], -1).ne(0).any(dim=1).tolist()
     flat = weights[:, 0] if weights.dim() == 4 else weights
-    matrices = [flat[slot, :rows].to(dtype=dtype).T if alive else None for slot, alive in enumerate(live)]
+    stacked = flat[:, :rows].to(dtype=dtype).transpose(1, 2)  # a view, unless the dtype differs
+    matrices = [stacked[slot] if alive else None for slot, alive in enumerate(live)]
     if len(_matrices) >= _MATRICES_KEPT:  # the views keep their stack alive: bound what short-lived tensors leave
         _matrices.clear()
     _matrices[key] = (weakref.ref(weights, lambda _, key=key: _matrices.pop(key, None)),
-                      (weights._version, rows, dtype), matrices)
-    return matrices
+                      (weights._version, rows, dtype), (matrices, stacked))
+    return matrices, stacked
+
+
+class PaddedPlan(NamedTuple):
+    """Rows laid out as (slots, rows): `gather` picks the batch row for each place (a pad repeats a real row;
+    its product is never read), `scatter` picks each place of `SlotGroups.order`'s rows back out."""
+
+    rows: int
+    gather: torch.Tensor
+    scatter: torch.Tensor
+
+
+def padded_plan(groups: SlotGroups, slots: int) -> PaddedPlan | None:
+    """The layout of `groups` for one batched matmul over all `slots`, or None where padding every slot to the
+    longest run would more than double the rows (a prefill beside decodes, or few slots in use). Kept with the
+    last few groups, as they are (every LoRA layer of a step asks the same)."""
+    for known, known_slots, plan in _plans:
+        if known is groups and known_slots == slots:
+            return plan
+    plan = None
+    if groups.order is not None and groups.spans:
+        longest = max(end - start for _, start, end in groups.spans)
+        if slots * longest <= 2 * groups.order.shape[0]:
+            gather = torch.full((slots, longest), int(groups.order[0]), dtype=torch.long)
+            scatter = []
+            for slot, start, end in groups.spans:
+                gather[slot, : end - start] = groups.order[start:end]
+                scatter.extend(range(slot * longest, slot * longest + end - start))
+            plan = PaddedPlan(longest, gather.view(-1), torch.tensor(scatter, dtype=torch.long))
+    _plans.insert(0, (groups, slots, plan))
+    del _plans[_RECENT:]
+    return plan
+
+
+_plans: list[tuple[SlotGroups, int, PaddedPlan | None]] = []
 
 
 _MATRICES_KEPT = 4096  # an engine has a few hundred stacks (2 per wrapped module and slice)
@@ -101,9 +141,11 @@ def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, in
     """output[rows, cols] = (or +=) inputs[rows] @ W[slot][:width].T * scaling, for each slot's rows.
 
     The rows of a batch are gathered once in slot order, each slot's run is one matmul into its part of one
-    buffer, and the buffer goes back into the output once. Slots whose weights are all zero do no matmul."""
+    buffer, and the buffer goes back into the output once. Slots whose weights are all zero do no matmul.
+    When padding every slot's run to the longest costs little (`padded_plan`), one batched matmul replaces the
+    per-slot ones: at 16 slots of one decode row each, ~1/3 of the loop's time."""
     view, width = output[:, cols], cols.stop - cols.start
-    matrices, groups = slot_matrices(weights, width, output.dtype), slot_groups(indices)
+    (matrices, stacked), groups = _slot_weights(weights, width, output.dtype), slot_groups(indices)
     if groups.order is None:  # one slot (or none) for the whole batch: no gather, no scatter
         if not groups.spans:
             return
@@ -122,13 +164,18 @@ def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, in
         if not add:
             view.index_fill_(0, order, 0)
         return
-    gathered = inputs.index_select(0, order).to(output.dtype)
-    values = torch.empty((order.shape[0], width), dtype=output.dtype, device=output.device)
-    for slot, start, end in groups.spans:
-        if matrices[slot] is not None:
-            torch.matmul(gathered[start:end], matrices[slot], out=values[start:end])
-        else:
-            values[start:end].zero_()
+    plan = padded_plan(groups, stacked.shape[0])
+    if plan is not None:  # many slots, few rows each (decode): one batched matmul over every slot
+        padded = inputs.index_select(0, plan.gather).to(output.dtype).view(stacked.shape[0], plan.rows, -1)
+        values = torch.bmm(padded, stacked).view(-1, width).index_select(0, plan.scatter)
+    else:  # few slots or long runs (prefill): one matmul per slot's run
+        gathered = inputs.index_select(0, order).to(output.dtype)
+        values = torch.empty((order.shape[0], width), dtype=output.dtype, device=output.device)
+        for slot, start, end in groups.spans:
+            if matrices[slot] is not None:
+                torch.matmul(gathered[start:end], matrices[slot], out=values[start:end])
+            else:
+                values[start:end].zero_()
     if scaling != 1.0:
         values.mul_(scaling)
     view.index_add_(0, order, values) if add else view.index_copy_(0, order, values)
