@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # In the order they run; each bounded in requests and time.
 BENCHMARKS = [
-    "gateway_latency", "overhead", "lora_ops", "many_adapters", "vllm_serve", "batching", "hot_load", "routing",
+    "gateway_latency", "overhead", "relay_cpu", "lora_ops", "many_adapters", "vllm_serve", "batching", "hot_load", "routing",
     "training", "metrics_overhead", "fairness",
 ]
 

@@ -31,6 +31,7 @@ from server.errors import (
     api_error_body,
 )
 from server.observability.metrics import RequestRecorder
+from server.serving.chunk_rewrite import ChunkRewriter
 from server.serving.limits import Ticket
 from server.serving.tenancy import ModelRoute
 from server.wire.openai import GenerationRequest
@@ -167,7 +168,10 @@ class _Once:
 class _StreamRelay:
     """One engine stream relayed to one client. Usage comes on every engine chunk (the gateway asks for it)
     and is passed on only as the client asked; a stream the client left before its end is a 499, charged
-    with what the engine had produced by then."""
+    with what the engine had produced by then. A stream of one sequence (the usual case) is rewritten without
+    decoding its chunks (server/serving/chunk_rewrite.py); any chunk that path does not know is parsed whole."""
+
+    decodes_every_chunk = False
 
     def __init__(self, response: httpx.Response, route: ModelRoute, request: GenerationRequest,
                  recorder: RequestRecorder, release: _Once):
@@ -178,6 +182,10 @@ class _StreamRelay:
         # The engine's per-chunk usage counts one sequence (choice) and its prompt: summed here.
         self._completion: dict[int, int] = {}
         self._prompt: dict[int, int] = {}
+        one_sequence = self.n * request.prompt_count == 1
+        self._rewriter = None if self.decodes_every_chunk or not one_sequence else ChunkRewriter(
+            route.engine_model, route.requested, usage_on_every_chunk=self.wants_continuous,
+            usage_at_end=self.wants_usage)
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
@@ -191,9 +199,9 @@ class _StreamRelay:
                     self.status = self.status or 200
                     yield b"data: [DONE]\n\n"
                     continue
-                event = self._rewrite(json.loads(data))
-                if event is not None:
-                    yield self._encode(event)
+                out = self._relayed(data)
+                if out is not None:
+                    yield out
             self.status = self.status or 200
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             self.status = 503
@@ -201,6 +209,20 @@ class _StreamRelay:
             yield _sse(_broken_stream())
         finally:
             await self.finish()
+
+    def _relayed(self, data: str) -> bytes | None:
+        """One engine event's JSON as the bytes the client gets; None to drop it."""
+        chunk = self._rewriter.rewrite(data) if self._rewriter is not None else None
+        if chunk is None:
+            event = self._rewrite(json.loads(data))
+            return None if event is None else self._encode(event)
+        if chunk.has_choices:
+            self.recorder.first_token()
+        if chunk.usage:
+            self._count([{"index": 0}] if chunk.has_choices else None, chunk.usage)
+        if not chunk.has_choices and not self.wants_usage:
+            return None
+        return b"data: " + chunk.text.encode() + b"\n\n"
 
     def _rewrite(self, event: dict) -> dict | None:
         """The engine's event as the client sees it; None to drop it."""
@@ -245,7 +267,9 @@ class _StreamRelay:
 class _ResponsesStreamRelay(_StreamRelay):
     """A Responses API stream: typed events (`event:` names each), the model inside the `response` object of
     the lifecycle events, usage only in the last one. Until then each text delta counts as one token, so a
-    client that hangs up is charged for about what it was sent."""
+    client that hangs up is charged for about what it was sent. Every event is parsed whole."""
+
+    decodes_every_chunk = True
 
     def _rewrite(self, event: dict) -> dict | None:
         kind = event.get("type")
