@@ -120,6 +120,14 @@ class Gateway:
         except httpx.HTTPError:
             return False
 
+    def wait_quiet(self, timeout: float = 600) -> None:
+        """Wait until no tenant has a sequence running through the gateway: an earlier test's requests that are
+        still finishing (a slow machine) would make the next tenant's engine contended."""
+        deadline = time.monotonic() + timeout
+        while sum(self.services.limiter.running.values()):
+            assert time.monotonic() < deadline, f"requests still running: {dict(self.services.limiter.running)}"
+            time.sleep(0.5)
+
     def wait_ready(self, timeout: float = ENGINE_START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -13,8 +13,10 @@ from tests.conftest import REPO
 
 
 def test_vllm_bench_serve_completes_every_request(gateway, base_model_path, tmp_path):
+    # Unbuffered, with faulthandler: a client that dies by a signal (CI once saw SIGILL, with nothing printed)
+    # shows where.
     env = dict(os.environ, OPENAI_API_KEY=gateway.tenants["alpha"].key,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "server.cli", "vllm", "bench", "serve",  # `loraserve vllm ...`: see vllm_cli.py
            "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
            "--base-url", gateway.url, "--model", "support", "--tokenizer", str(base_model_path),

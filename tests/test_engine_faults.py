@@ -29,12 +29,17 @@ def open_stream(gateway, client: httpx.Client, max_tokens: int = 400):
 
 
 def test_a_client_hanging_up_aborts_its_engine_request(gateway):
+    gateway.wait_quiet()
     with httpx.Client(timeout=60) as client, open_stream(gateway, client) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         for _ in range(3):
             next(lines)
-        assert engine_running(gateway) == 1
+        # The engine's gauge is written after it sent the first tokens: wait for it (liveness, not speed).
+        deadline = time.monotonic() + 60
+        while engine_running(gateway) != 1:
+            assert time.monotonic() < deadline, "the engine never showed the stream running"
+            time.sleep(0.2)
     deadline = time.monotonic() + 10
     while engine_running(gateway) != 0:
         assert time.monotonic() < deadline, "the engine kept generating for a client that left"

@@ -279,6 +279,7 @@ def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(g
     in turn, so the newcomer shares the batch with 2 of them, not 6. Each preempted request still gets its
     whole answer, the same as the others (temperature 0). Before the fix the newcomer waited behind all six
     (bench/fairness.py: the victim's first requests took 2-3 times its time alone)."""
+    gateway.wait_quiet()  # another tenant still running (an earlier test's flood) would make the hog contended
     hog = f"hog-{uuid.uuid4().hex[:6]}"
     assert gateway.admin("POST", "/tenants", json={"id": hog}).status_code == 201
     hog_key = gateway.admin("POST", f"/tenants/{hog}/keys").json()["key"]
