@@ -1,6 +1,6 @@
 """What the gateway costs on streamed requests, next to LiteLLM's proxy in front of the same engine.
 
-    make bench            (or: .venv/bin/python bench/overhead.py [--tokens 12] [--requests 8 32 64])
+    make bench            (or: .venv/bin/python bench/overhead.py [--tokens 12] [--requests 8 32 128] [--rounds 4])
 
 Targets, all on the same vLLM engine (the gateway's embedded one): the engine itself with the base model
 (the baseline), the loraserve gateway, and LiteLLM's proxy (one worker, its default; uvicorn; master
@@ -9,8 +9,9 @@ requests through the all-zero LoRA adapter (LORASERVE_BASE_THROUGH_ZERO_ADAPTER=
 a fourth target, that adapter's name sent straight to the engine, separates that LoRA work from the relay.
 Each request is a streamed chat completion with `stream_options.include_usage`, temperature 0, the same
 prompt and exactly N output tokens (`max_tokens` = `min_tokens` = N). At each concurrency (1, 8, 32
-streams in flight) every target gets the same number of requests, in two rounds with the target order
-reversed in the second, so drift in the machine's load hits all alike. Measured on the client: output
+streams in flight) every target gets the same number of requests, in four rounds with the target order
+reversed every other round, so drift in the machine's load hits all alike (with two rounds, the ratios of
+two runs differed by up to 0.06). Measured on the client: output
 tokens per second (tokens reported in `usage` / summed wall time of the target's rounds), time to first
 token (send to the first SSE chunk with non-empty content; p50 and p99), and both as ratios to the
 direct baseline at the same concurrency. Every response must report N tokens in more than one content
@@ -18,7 +19,9 @@ chunk, or the run fails (a peer that drops `min_tokens` or buffers the stream ca
 prompt alone gets a 3-token answer, checked by one control request without `min_tokens`. The tenant's
 concurrency cap is raised to the highest level (the default 16 would refuse half of 32 with 429). The
 client (one asyncio httpx client, parsing only the chunks it needs) records its own CPU share; with at
-most 64 requests per cell, p99 is near the maximum.
+most 128 requests per cell, p99 is near the maximum. Each proxy's own CPU per request (its process, not the
+engine, user + system, by psutil) is the least noisy of these figures: on 2 cores whatever a proxy spends is
+taken from the engine's front end and the client.
 
 LiteLLM lives in its own venv (.cache/litellm-venv; `make bench` installs the pinned version), started
 as `litellm --config CFG --port P --host 127.0.0.1` while the engine loads, ready at /health/readiness. It
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 from harness import REPO, BenchServer, free_port, print_table
 
 from adapters.zero import ENGINE_NAME as ZERO_ADAPTER
@@ -60,6 +64,7 @@ class Target:
     url: str  # the chat completions endpoint
     model: str
     headers: dict[str, str] = field(default_factory=dict)
+    process: psutil.Process | None = None  # a proxy's own process: its CPU per request is measured
 
 
 @dataclass
@@ -68,6 +73,8 @@ class Tally:
     tokens: int = 0
     wall: float = 0.0
     cpu: float = 0.0  # the client's CPU seconds while this target ran
+    proxy_cpu: float = 0.0  # the target's own process (a proxy's; not the engine's) CPU seconds
+    requests: int = 0
     min_chunks: int | None = None
 
 
@@ -206,9 +213,11 @@ async def run_batch(client: httpx.AsyncClient, target: Target, concurrency: int,
         async with limit:
             return await stream_one(client, target, tokens)
 
+    proxy_cpu = _cpu_seconds(target.process)
     cpu, started = time.process_time(), time.perf_counter()
     results = await asyncio.gather(*(one() for _ in range(requests)))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    proxy_cpu = _cpu_seconds(target.process) - proxy_cpu
     for _, used, chunks in results:
         if used != tokens:
             raise AssertionError(f"{target.name}: {used} output tokens, not {tokens} (is min_tokens forwarded?)")
@@ -219,8 +228,18 @@ async def run_batch(client: httpx.AsyncClient, target: Target, concurrency: int,
         tally.tokens += sum(used for _, used, _ in results)
         tally.wall += wall
         tally.cpu += cpu
+        tally.proxy_cpu += proxy_cpu
+        tally.requests += requests
         least = min(chunks for _, _, chunks in results)
         tally.min_chunks = least if tally.min_chunks is None else min(tally.min_chunks, least)
+
+
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    """User and system CPU of one process, not its children (the gateway's engine is its child)."""
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def p99(values: list[float]) -> float:
@@ -267,9 +286,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12, help="output tokens per request (N)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, nargs="+", default=[8, 32, 64],
+    parser.add_argument("--requests", type=int, nargs="+", default=[8, 32, 128],
                         help="requests per target at each concurrency (one number, or one per level)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per level; the target order alternates")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per level; the target order alternates")
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV, help="the venv with litellm[proxy]")
     args = parser.parse_args()
     levels = args.concurrency
@@ -284,9 +303,10 @@ def main() -> None:
               f"{server.start_seconds:.0f} s; LiteLLM: {' '.join(proxy.command)}", flush=True)
         targets = [
             Target("engine (direct)", f"{server.engine_url}/v1/chat/completions", model),
-            Target(GATEWAY, f"{server.url}/v1/chat/completions", model, server.auth),
+            Target(GATEWAY, f"{server.url}/v1/chat/completions", model, server.auth,
+                   psutil.Process(server.process.pid)),
             Target("LiteLLM proxy", f"{proxy.url}/v1/chat/completions", model,
-                   {"Authorization": f"Bearer {LITELLM_KEY}"}),
+                   {"Authorization": f"Bearer {LITELLM_KEY}"}, psutil.Process(proxy.process.pid)),
         ]
         try:
             results, natural = asyncio.run(measure(targets, levels, counts, args.tokens, args.rounds))
@@ -305,14 +325,17 @@ def main() -> None:
         level = data["levels"][str(concurrency)] = {"requests_per_target": count, "targets": {}}
         for name, t in tallies.items():
             rate, p50 = t.tokens / t.wall, statistics.median(t.ttft)
+            proxy_ms = t.proxy_cpu * 1000 / t.requests if t.proxy_cpu else None
             rows.append([str(concurrency), name, f"{rate:.0f}", f"{p50 * 1000:.0f}", f"{p99(t.ttft) * 1000:.0f}",
-                         f"{rate / base_rate:.2f}", f"{p50 / base_p50:.2f}"])
+                         f"{rate / base_rate:.2f}", f"{p50 / base_p50:.2f}",
+                         "-" if proxy_ms is None else f"{proxy_ms:.1f}"])
             level["targets"][name] = {
                 "output_tokens": t.tokens, "wall_s": round(t.wall, 4), "tokens_per_s": round(rate, 2),
                 "ttft_p50_ms": round(p50 * 1000, 2), "ttft_p99_ms": round(p99(t.ttft) * 1000, 2),
                 "ttft_ms": [round(x * 1000, 2) for x in t.ttft], "tokens_per_s_ratio": round(rate / base_rate, 4),
                 "ttft_p50_ratio": round(p50 / base_p50, 4), "min_content_chunks": t.min_chunks,
-                "client_cpu_share": round(t.cpu / t.wall, 3)}
+                "client_cpu_share": round(t.cpu / t.wall, 3),
+                "proxy_cpu_ms_per_request": None if proxy_ms is None else round(proxy_ms, 3)}
         if ZERO_TARGET in tallies:  # the relay alone: the gateway against the same engine work
             zero, gateway = tallies[ZERO_TARGET], tallies[GATEWAY]
             level["gateway_vs_zero_adapter"] = {
@@ -322,7 +345,7 @@ def main() -> None:
     print_table(f"Streamed chat requests ({args.tokens} output tokens each, base model), per target at each "
                 f"concurrency; requests per target: {', '.join(map(str, counts))}",
                 ["concurrent", "target", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "tok/s ratio to direct",
-                 "TTFT p50 ratio to direct"], rows, data)
+                 "TTFT p50 ratio to direct", "proxy CPU ms per request"], rows, data)
     likes = {c: lv["gateway_vs_zero_adapter"] for c, lv in data["levels"].items() if "gateway_vs_zero_adapter" in lv}
     if likes:
         print("\nThe gateway against the engine doing the same work (the base model through the zero adapter):")

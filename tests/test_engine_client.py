@@ -1,6 +1,6 @@
-"""The engine client's timeouts and retries on its own, against a small HTTP server on loopback (or
-httpx's mock transport): a long non-streamed request is not a stalled one, a stalled engine still fails
-it, a stream keeps its stall timeout, and a dropped keep-alive connection is retried once.
+"""The engine client's timeouts and retries on its own, against small HTTP servers on loopback: a long
+non-streamed request is not a stalled one, a stalled engine still fails it, a stream keeps its stall timeout,
+a dropped keep-alive connection is retried once, and a stream's lines come whole however the bytes are cut.
 
 Every wait is bounded by `asyncio.wait_for(..., GUARD)`, generous, so a regression fails instead of hanging.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import httpx
 import pytest
 
 from server.engine.client import EngineClient
@@ -125,28 +124,49 @@ def test_a_stream_keeps_its_stall_timeout():
             try:
                 response = await client.open_stream("/v1/completions", {"prompt": "hi", "stream": True})
                 try:
-                    async for _ in response.aiter_lines():
+                    async for _ in response.lines():
                         pass
                 finally:
                     await response.aclose()
             finally:
                 await client.aclose()
 
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(EngineUnavailable, match="did not answer in time"):
         run(go())
 
 
-def dropping_transport(drops: int) -> tuple[httpx.MockTransport, list[str]]:
-    """The first `drops` requests fail as a stale keep-alive connection does; the rest are answered."""
-    seen: list[str] = []
+class DroppingEngine:
+    """Reads each request, then closes the connection without a byte of answer (what a keep-alive connection
+    the engine closed looks like to the request sent on it) for the first `drops` requests; answers the rest."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.path)
-        if len(seen) <= drops:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-        return httpx.Response(200, content=BODY)
+    def __init__(self, drops: int):
+        self.drops, self.seen = drops, []
 
-    return httpx.MockTransport(handle), seen
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *headers = head.decode().split("\r\n")
+                length = next((int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length")), 0)
+                await reader.readexactly(length)
+                self.seen.append(request_line.split()[1])
+                if len(self.seen) <= self.drops:
+                    return  # `finally` closes the connection: no answer
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
 
 
 @pytest.mark.parametrize("call", ["complete", "open_stream", "load_adapter"])
@@ -154,30 +174,49 @@ def test_a_dropped_keep_alive_connection_is_retried_once(call):
     """Item 11: a stale pooled connection fails before any byte; the request is sent once more on the same
     engine instead of failing (which took the engine out of rotation). Failed before the fix (raised
     EngineUnreachable); passes now."""
-    transport, seen = dropping_transport(drops=1)
+    engine = DroppingEngine(drops=1)
 
     async def go():
-        client = EngineClient("http://engine", transport=transport)
-        try:
-            if call == "load_adapter":
-                return await client.load_adapter("a", "/a")
-            result = await getattr(client, call)("/v1/completions", {"prompt": "hi"})
-            if call == "open_stream":
-                await result.aclose()
-            return result
-        finally:
-            await client.aclose()
+        async with engine as url:
+            client = EngineClient(url)
+            try:
+                if call == "load_adapter":
+                    return await client.load_adapter("a", "/a")
+                result = await getattr(client, call)("/v1/completions", {"prompt": "hi"})
+                if call == "open_stream":
+                    assert result.status == 200 and await result.aread() == BODY
+                    await result.aclose()
+                return result
+            finally:
+                await client.aclose()
 
     run(go())
-    assert len(seen) == 2
+    assert len(engine.seen) == 2
 
 
 def test_a_connection_dropped_twice_means_the_engine_is_gone():
     """Only one retry: the second drop is reported as unreachable (guard)."""
-    transport, seen = dropping_transport(drops=2)
+    engine = DroppingEngine(drops=2)
 
     async def go():
-        client = EngineClient("http://engine", transport=transport)
+        async with engine as url:
+            client = EngineClient(url)
+            try:
+                await client.complete("/v1/completions", {"prompt": "hi"})
+            finally:
+                await client.aclose()
+
+    with pytest.raises(EngineUnreachable):
+        run(go())
+    assert len(engine.seen) == 2
+
+
+def test_nothing_listening_is_unreachable_at_once():
+    """A refused connection is not a stale one: one try, EngineUnreachable (the pool then tries another engine)."""
+    async def go():
+        async with DroppingEngine(drops=0) as url:
+            pass  # closed: the port refuses connections now
+        client = EngineClient(url)
         try:
             await client.complete("/v1/completions", {"prompt": "hi"})
         finally:
@@ -185,4 +224,52 @@ def test_a_connection_dropped_twice_means_the_engine_is_gone():
 
     with pytest.raises(EngineUnreachable):
         run(go())
-    assert len(seen) == 2
+
+
+class ChoppedStream:
+    """Sends one streamed answer cut at awkward places: lines split across writes, CRLF and LF line ends, a
+    long line, and a last line without its line end."""
+
+    LONG = b"data: " + b"x" * 300_000
+    PIECES = (b"data: {\"a\"", b":1}\n\ndata: {\"b\":2}\r\n", b"\r\n" + LONG[:100_000], LONG[100_000:] + b"\n\n",
+              b"data: [DONE]")
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in self.PIECES:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+def test_a_stream_comes_line_by_line_however_its_bytes_are_cut():
+    """The relay reads SSE lines from `lines()`: each whole, without its line end (LF or CRLF), a line longer
+    than any read buffer included, and the last one even without a line end."""
+    async def go():
+        async with ChoppedStream() as url:
+            client = EngineClient(url)
+            try:
+                response = await client.open_stream("/v1/completions", {"prompt": "hi", "stream": True})
+                try:
+                    return [line async for line in response.lines()]
+                finally:
+                    await response.aclose()
+            finally:
+                await client.aclose()
+
+    assert run(go()) == [b'data: {"a":1}', b"", b'data: {"b":2}', b"", ChoppedStream.LONG, b"", b"data: [DONE]"]

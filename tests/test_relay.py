@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
-
 from server.observability.metrics import Metrics, RequestRecorder
 from server.serving.relay import _Once, _StreamRelay
 from server.serving.tenancy import ModelRoute
@@ -16,15 +14,19 @@ from server.wire.openai import CompletionRequest
 GUARD = 60.0
 
 
-class EngineStream(httpx.AsyncByteStream):
-    """The engine's SSE lines, then silence: the engine has sent [DONE] but not yet closed the connection."""
+class ScriptedStream:
+    """Stands in for server.engine.client.EngineStream: the engine's SSE events, then silence (the engine has
+    sent [DONE] but not yet closed the connection)."""
+
+    status = 200
 
     def __init__(self, events: list[bytes]):
         self.events = events
 
-    async def __aiter__(self):
+    async def lines(self):
         for event in self.events:
-            yield event
+            for line in event.split(b"\n")[:-1]:
+                yield line
         await asyncio.Event().wait()
 
     async def aclose(self) -> None:
@@ -38,8 +40,8 @@ def test_a_client_that_leaves_right_after_done_is_counted_as_served():
     chunk = {"id": "c", "object": "text_completion", "model": "engine-name",
              "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-    response = httpx.Response(200, stream=EngineStream([b"data: " + json.dumps(chunk).encode() + b"\n\n",
-                                                        b"data: [DONE]\n\n"]))
+    response = ScriptedStream([b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                                b"data: [DONE]\n\n"])
     recorder = RequestRecorder(Metrics(), 0.0, "tenant", "completions")
     request = CompletionRequest(model="m", prompt="x", stream=True)
     relay = _StreamRelay(response, ModelRoute("m", "engine-name"), request, recorder, _Once(lambda: None))
@@ -61,7 +63,7 @@ def test_a_client_that_leaves_before_done_is_a_499():
     chunk = {"id": "c", "object": "text_completion", "model": "engine-name",
              "choices": [{"index": 0, "text": "hi", "finish_reason": None}],
              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-    response = httpx.Response(200, stream=EngineStream([b"data: " + json.dumps(chunk).encode() + b"\n\n"]))
+    response = ScriptedStream([b"data: " + json.dumps(chunk).encode() + b"\n\n"])
     recorder = RequestRecorder(Metrics(), 0.0, "tenant", "completions")
     request = CompletionRequest(model="m", prompt="x", stream=True)
     relay = _StreamRelay(response, ModelRoute("m", "engine-name"), request, recorder, _Once(lambda: None))

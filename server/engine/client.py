@@ -14,8 +14,12 @@ Timeouts differ by kind of request, because silence means different things:
   probe at a time is shared by all of them).
 
 A keep-alive connection the engine closed while it sat in the pool fails the next request on it before
-any byte comes back; such a request is sent once more (httpx does not say whether the connection was
-reused, and when the engine is really gone the second try fails to connect at once).
+any byte comes back; such a request is sent once more (when the engine is really gone the second try fails
+to connect at once).
+
+The transport is aiohttp (a vLLM dependency): its C parser costs the gateway about 0.15 ms of CPU per
+streamed request where httpx cost 2.4 ms (32 concurrent streams of 15 events against a local server), and on
+a 2-core box every millisecond the gateway spends is taken from the engine's front end.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from server.errors import EngineUnavailable, EngineUnreachable
 
@@ -35,9 +40,10 @@ log = logging.getLogger("loraserve.engine")
 
 _ALREADY_LOADED = "has already been loaded"
 # Failures that mean no answer is coming from this engine (as opposed to a slow answer).
-_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_GONE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # What a stale keep-alive connection looks like when a request is sent on it: worth one more try.
-_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_JSON = {"Content-Type": "application/json"}
 LIVENESS_INTERVAL = 5.0
 
 
@@ -50,6 +56,41 @@ class EngineReply:
         return json.loads(self.body)
 
 
+class EngineStream:
+    """An engine's answer whose body is still to be read, whole (`aread`) or line by line (`lines`). The
+    caller must `aclose()` it: a body read to its end gives the connection back to the pool, anything
+    else drops the connection, which makes vLLM abort the request."""
+
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+        self.status = response.status
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _transport_error(exc) from exc
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body's lines without their line ends; a broken or stalled body raises `EngineUnavailable`."""
+        pending = b""
+        try:
+            async for data in self._response.content.iter_any():
+                *complete, pending = (pending + data).split(b"\n")
+                for line in complete:
+                    yield line.removesuffix(b"\r")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _transport_error(exc) from exc
+        if pending:
+            yield pending.removesuffix(b"\r")
+
+    async def aclose(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
 class AdapterLoadFailed(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -59,30 +100,36 @@ class AdapterLoadFailed(Exception):
 class EngineClient:
     def __init__(
         self, base_url: str, *, read_timeout: float = 300.0, request_timeout: float = 600.0,
-        liveness_interval: float = LIVENESS_INTERVAL, transport: httpx.AsyncBaseTransport | None = None,
+        liveness_interval: float = LIVENESS_INTERVAL,
     ):
         self.base_url = base_url.rstrip("/")
         self.read_timeout, self.request_timeout = read_timeout, request_timeout
         self.liveness_interval = liveness_interval
-        self._stream_timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=30.0, pool=30.0)
-        self._whole_timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)  # see `_whole`
-        # No connection cap: the engine does its own scheduling, and the gateway bounds concurrency.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=self._stream_timeout, limits=limits, transport=transport
-        )
+        # A stream's silence of `read_timeout` means a stall; a whole answer's silence says nothing (`_whole`).
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=read_timeout)
+        self._whole_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=None)
+        self._session: aiohttp.ClientSession | None = None  # made in the event loop that uses it
         self._probe: asyncio.Future[bool] | None = None
         self._probe_started = 0.0
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No connection cap: the engine does its own scheduling, and the gateway bounds concurrency.
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._stream_timeout)
+        return self._session
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def healthy(self, timeout: float = 5.0) -> bool:
         try:
-            response = await self._http.get("/health", timeout=timeout)
-        except httpx.HTTPError:
+            async with self._http().get(self.base_url + "/health",
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
-        return response.status_code == 200
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter under `name`; loading a name that is already there is a success."""
@@ -102,7 +149,7 @@ class EngineClient:
         """A non-streamed request; cancelling the call closes its connection, which aborts it on vLLM."""
         return await self._whole(path, payload)
 
-    async def open_stream(self, path: str, payload: dict) -> httpx.Response:
+    async def open_stream(self, path: str, payload: dict) -> EngineStream:
         """An open streaming response; the caller must `aclose()` it. Closing it early drops the
         connection, which makes vLLM abort the request: that is how a client's disconnect reaches
         the engine."""
@@ -137,24 +184,26 @@ class EngineClient:
         response = await self._send(path, payload, self._whole_timeout)
         try:
             body = await response.aread()
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc) from exc
         finally:
             await response.aclose()
-        return EngineReply(response.status_code, body)
+        return EngineReply(response.status, body)
 
-    async def _send(self, path: str, payload: dict, timeout: httpx.Timeout) -> httpx.Response:
+    async def _send(self, path: str, payload: dict, timeout: aiohttp.ClientTimeout) -> EngineStream:
         """Send a POST and return once the response's headers are in (its body still to read)."""
+        body = json.dumps(payload).encode()
         for attempt in (1, 2):
-            request = self._http.build_request("POST", path, json=payload, timeout=timeout)
             try:
-                return await self._http.send(request, stream=True)
+                response = await self._http().post(self.base_url + path, data=body, headers=_JSON,
+                                                   timeout=timeout)
+                return EngineStream(response)
+            except aiohttp.ClientConnectorError as exc:  # nothing listening: no second try
+                raise _transport_error(exc) from exc
             except _STALE as exc:
                 if attempt == 2:
                     raise _transport_error(exc) from exc
                 log.info("engine %s dropped a connection before answering (%s); sending again",
                          self.base_url, type(exc).__name__)
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise _transport_error(exc) from exc
         raise AssertionError("unreachable")
 
@@ -170,11 +219,11 @@ class EngineClient:
         return probe
 
 
-def _transport_error(exc: httpx.HTTPError) -> EngineUnavailable:
+def _transport_error(exc: BaseException) -> EngineUnavailable:
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are asyncio's too
+        return EngineUnavailable("The inference engine did not answer in time.")
     if isinstance(exc, _GONE):
         return EngineUnreachable("The inference engine is not reachable; try again shortly.")
-    if isinstance(exc, httpx.TimeoutException):
-        return EngineUnavailable("The inference engine did not answer in time.")
     return EngineUnavailable("The inference engine is not reachable; try again shortly.")
 
 

@@ -32,5 +32,5 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call is noise
     logging.getLogger("uvicorn.access").disabled = True  # the access log below replaces it

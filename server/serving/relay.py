@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from server.engine.client import EngineStream
 from server.engine.pool import EnginePool, EngineSlot
 from server.errors import (
     APIError,
@@ -140,9 +140,9 @@ async def _stream(
     except BaseException:
         release()
         raise
-    if response.status_code != 200:
+    if response.status != 200:
         try:
-            raise _engine_error(response.status_code, await response.aread(), route)
+            raise _engine_error(response.status, await response.aread(), route)
         finally:
             await response.aclose()
             release()
@@ -173,7 +173,7 @@ class _StreamRelay:
 
     decodes_every_chunk = False
 
-    def __init__(self, response: httpx.Response, route: ModelRoute, request: GenerationRequest,
+    def __init__(self, response: EngineStream, route: ModelRoute, request: GenerationRequest,
                  recorder: RequestRecorder, release: _Once):
         self.response, self.route, self.recorder, self.release = response, route, recorder, release
         self.wants_usage, self.wants_continuous = request.wants_usage, request.wants_continuous_usage
@@ -189,10 +189,10 @@ class _StreamRelay:
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
-            async for line in self.response.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in self.response.lines():
+                if not line.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
+                data = line[5:].strip().decode()
                 if data == "[DONE]":
                     # The answer is whole: a client that hangs up now, before the engine's connection
                     # ends, was served (it is not a 499).
@@ -203,7 +203,7 @@ class _StreamRelay:
                 if out is not None:
                     yield out
             self.status = self.status or 200
-        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        except (EngineUnavailable, json.JSONDecodeError, UnicodeDecodeError) as exc:
             self.status = 503
             log.error("engine stream for %s broke: %s", self.route.engine_model, type(exc).__name__)
             yield _sse(_broken_stream())
