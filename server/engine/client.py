@@ -17,9 +17,10 @@ A keep-alive connection the engine closed while it sat in the pool fails the nex
 any byte comes back; such a request is sent once more (when the engine is really gone the second try fails
 to connect at once).
 
-The transport is aiohttp (a vLLM dependency): its C parser costs the gateway about 0.15 ms of CPU per
-streamed request where httpx cost 2.4 ms (32 concurrent streams of 15 events against a local server), and on
-a 2-core box every millisecond the gateway spends is taken from the engine's front end.
+The transport is aiohttp (a vLLM dependency), not httpx: httpcore's pool scans every pooled connection (a
+`poll` on each) for every request, and with it the gateway spent 7.6 ms of CPU per streamed request at 32
+streams against 5.5 ms with aiohttp (`bench/overhead.py`, "proxy CPU"); on a 2-core box whatever the gateway
+spends is taken from the engine's front end.
 """
 
 from __future__ import annotations
@@ -73,16 +74,21 @@ class EngineStream:
 
     async def lines(self) -> AsyncIterator[bytes]:
         """The body's lines without their line ends; a broken or stalled body raises `EngineUnavailable`."""
-        pending = b""
+        pending: list[bytes] = []  # the pieces of a line not ended yet (a long one comes in many reads)
         try:
             async for data in self._response.content.iter_any():
-                *complete, pending = (pending + data).split(b"\n")
-                for line in complete:
+                first, *more = data.split(b"\n")
+                pending.append(first)
+                if not more:
+                    continue
+                *ended, last = more
+                for line in (b"".join(pending), *ended):
                     yield line.removesuffix(b"\r")
+                pending = [last] if last else []
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _transport_error(exc) from exc
-        if pending:
-            yield pending.removesuffix(b"\r")
+        if any(pending):
+            yield b"".join(pending).removesuffix(b"\r")
 
     async def aclose(self) -> None:
         if self._response.content.at_eof():
