@@ -19,13 +19,8 @@ GUARD = 60.0
 BODY = b'{"ok": true}'
 
 
-class SlowEngine:
-    """Answers `POST` after `delay` seconds (None: never), `/health` at once unless `stalled`; a stream
-    sends its headers and one event, then nothing."""
-
-    def __init__(self, delay: float | None, stalled: bool = False):
-        self.delay, self.stalled = delay, stalled
-        self.hang = asyncio.Event()  # never set: a stalled engine's silence
+class LoopbackServer:
+    """`async with Server() as url:` an HTTP server on a free loopback port; subclasses answer in `_serve`."""
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -37,12 +32,29 @@ class SlowEngine:
             await asyncio.wait_for(self.server.wait_closed(), 5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    """One request off the connection: its request line and its body (Content-Length framed)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    request_line, *headers = head.decode().split("\r\n")
+    length = next((int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length")), 0)
+    return request_line, await reader.readexactly(length)
+
+
+class SlowEngine(LoopbackServer):
+    """Answers `POST` after `delay` seconds (None: never), `/health` at once unless `stalled`; a stream
+    sends its headers and one event, then nothing."""
+
+    def __init__(self, delay: float | None, stalled: bool = False):
+        self.delay, self.stalled = delay, stalled
+        self.hang = asyncio.Event()  # never set: a stalled engine's silence
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *headers = head.decode().split("\r\n")
-                length = next((int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length")), 0)
-                body = await reader.readexactly(length)
+                request_line, body = await read_request(reader)
                 if request_line.startswith("GET /health"):
                     if self.stalled:
                         await self.hang.wait()
@@ -135,29 +147,17 @@ def test_a_stream_keeps_its_stall_timeout():
         run(go())
 
 
-class DroppingEngine:
+class DroppingEngine(LoopbackServer):
     """Reads each request, then closes the connection without a byte of answer (what a keep-alive connection
     the engine closed looks like to the request sent on it) for the first `drops` requests; answers the rest."""
 
     def __init__(self, drops: int):
         self.drops, self.seen = drops, []
 
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 5)
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *headers = head.decode().split("\r\n")
-                length = next((int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length")), 0)
-                await reader.readexactly(length)
+                request_line, _ = await read_request(reader)
                 self.seen.append(request_line.split()[1])
                 if len(self.seen) <= self.drops:
                     return  # `finally` closes the connection: no answer
@@ -226,7 +226,7 @@ def test_nothing_listening_is_unreachable_at_once():
         run(go())
 
 
-class ChoppedStream:
+class ChoppedStream(LoopbackServer):
     """Sends one streamed answer cut at awkward places: lines split across writes, CRLF and LF line ends, a
     long line, and a last line without its line end."""
 
@@ -234,19 +234,8 @@ class ChoppedStream:
     PIECES = (b"data: {\"a\"", b":1}\n\ndata: {\"b\":2}\r\n", b"\r\n" + LONG[:100_000], LONG[100_000:] + b"\n\n",
               b"data: [DONE]")
 
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 5)
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for piece in self.PIECES:
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
