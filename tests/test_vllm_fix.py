@@ -14,8 +14,15 @@ import torch
 from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 
-from server.engine import vllm_fix
-from server.engine.grouped_lora_ops import GROUPED, padded_plan, slot_groups, slot_matrices
+from server.engine import grouped_lora_ops, vllm_fix
+from server.engine.grouped_lora_ops import (
+    GROUPED,
+    padded_plan,
+    slot_groups,
+    slot_matrices,
+    slot_written,
+    stack_versions,
+)
 
 
 def stacked(slots: int, rows: int, cols: int) -> torch.Tensor:
@@ -248,3 +255,60 @@ def test_which_slots_hold_weights_follows_every_write_to_the_stack():
     check_against_vllm("bgmv_shrink", indices, (x, stack, 1.0), 8, generator, "after an unload")
     other = torch.ones(4, 1, 8, 32)  # another stack (maybe at a freed one's address) has its own answer
     assert live_slots(other) == [True] * 4
+
+
+def test_a_recorded_slot_write_rechecks_that_slot_alone_and_anything_else_the_whole_stack(monkeypatch):
+    """An adapter activation writes one slot of every stack (`slot_written`, from the vLLM hook): only that slot is
+    looked at again. A write the hook did not see (or a chain of writes with a gap) must fall back to checking every
+    slot, or a slot changed behind its back would keep a stale answer."""
+    checked = []
+    live_slots = grouped_lora_ops._live_slots
+    monkeypatch.setattr(grouped_lora_ops, "_live_slots", lambda w: checked.append(w.shape[0]) or live_slots(w))
+    for dtype in (torch.float32, torch.bfloat16):  # fp32 matrices of a bf16 stack are copies: refreshed per slot
+        stack = torch.zeros(4, 1, 8, 32, dtype=dtype)
+
+        def live(weights=stack):
+            return [m is not None for m in slot_matrices(weights, 8, torch.float32)]
+
+        assert live() == [False] * 4 and checked == [4]
+        for slot in (1, 3):  # two activations before the next forward step: both slots, and only them
+            before = stack_versions()
+            stack[slot] = 0
+            stack[slot, 0, :4].copy_(torch.full((4, 32), float(slot)))
+            slot_written(before, slot)
+        checked.clear()
+        assert live() == [False, True, False, True] and checked == [1, 1], dtype
+        assert torch.equal(slot_matrices(stack, 8, torch.float32)[3][:, :4], torch.full((32, 4), 3.0))
+        stack[0, 0, 0, 0] = 1.0  # a write nobody recorded, then a recorded one: the whole stack again
+        before = stack_versions()
+        stack[2] = 0
+        slot_written(before, 2)
+        checked.clear()
+        assert live() == [True, True, False, True] and checked == [4], dtype
+        checked.clear()
+
+
+def test_the_hook_records_the_slot_each_activation_wrote(monkeypatch):
+    """vllm_fix wraps vLLM's LoRAModelManager.activate_adapter (once) and records the slot it chose."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    stack = torch.zeros(3, 1, 8, 32)
+    assert slot_matrices(stack, 8, stack.dtype) == [None] * 3
+
+    def activate_adapter(self, lora_id):  # vLLM's: the first free slot gets the adapter's weights
+        slot = self.lora_index_to_id.index(None)
+        self.lora_index_to_id[slot] = lora_id
+        stack[slot].fill_(1.0)
+        return True
+
+    monkeypatch.setattr(LoRAModelManager, "activate_adapter", activate_adapter)
+    vllm_fix.track_slot_writes()
+    vllm_fix.track_slot_writes()
+    assert LoRAModelManager.activate_adapter.__wrapped__ is activate_adapter, "wrapped once"
+    manager = type("Manager", (), {"lora_index_to_id": [7, None, None]})()
+    LoRAModelManager.activate_adapter(manager, 9)
+    checked = []
+    live_slots = grouped_lora_ops._live_slots
+    monkeypatch.setattr(grouped_lora_ops, "_live_slots", lambda w: checked.append(w.shape[0]) or live_slots(w))
+    assert [m is not None for m in slot_matrices(stack, 8, stack.dtype)] == [False, True, False]
+    assert checked == [1], "taken as one recorded slot write, not a full check"

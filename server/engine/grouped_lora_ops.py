@@ -83,22 +83,85 @@ def slot_matrices(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> list[
 
 def _slot_weights(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
     """`slot_matrices`, and the same matrices as one (slots, in, rows) stack for a batched matmul."""
-    key = id(weights)
-    known = _matrices.get(key)
-    if known is not None and known[0]() is weights and known[1] == (weights._version, rows, dtype):
-        return known[2]
-    # Every write to a stack (each adapter load or slot swap writes all of them) means checking it again: at 16
-    # slots this check was most of a cold adapter's cost. abs().amax() reads the stack in one vectorised pass, 2.5-5x
-    # faster than ne(0).any() (which builds a bool copy); it keeps NaN and inf slots live and -0.0 ones empty.
-    live = weights.reshape(weights.shape[0], -1).abs().amax(dim=1).ne(0).tolist()
-    flat = weights[:, 0] if weights.dim() == 4 else weights
-    stacked = flat[:, :rows].to(dtype=dtype).transpose(1, 2)  # a view, unless the dtype differs
-    matrices = [stacked[slot] if alive else None for slot, alive in enumerate(live)]
+    known = _matrices.get(id(weights))
+    if known is not None and known.stack() is weights and known.shape == (rows, dtype):
+        if known.version == weights._version:
+            return known.matrices, known.stacked
+        slots = known.slots_written_since()
+        if slots is not None:  # only these slots were written since the last check: look at them alone
+            for slot in slots:
+                known.refresh(slot)
+            known.version = weights._version
+            return known.matrices, known.stacked
+    entry = _Stack(weights, rows, dtype)
     if len(_matrices) >= _MATRICES_KEPT:  # the views keep their stack alive: bound what short-lived tensors leave
         _matrices.clear()
-    _matrices[key] = (weakref.ref(weights, lambda _, key=key: _matrices.pop(key, None)),
-                      (weights._version, rows, dtype), (matrices, stacked))
-    return matrices, stacked
+    _matrices[id(weights)] = entry
+    return entry.matrices, entry.stacked
+
+
+class _Stack:
+    """One weight stack's per-slot matrices (None: an empty slot), as of the stack's `version`, and the slot writes
+    seen since (`slot_written`): (version before, version after, slot)."""
+
+    def __init__(self, weights: torch.Tensor, rows: int, dtype: torch.dtype) -> None:
+        key = id(weights)
+        self.stack = weakref.ref(weights, lambda _: _matrices.pop(key, None))
+        self.shape, self.version, self.writes = (rows, dtype), weights._version, []
+        flat = weights[:, 0] if weights.dim() == 4 else weights
+        self.copied = dtype != weights.dtype
+        self.stacked = flat[:, :rows].to(dtype=dtype).transpose(1, 2)  # a view, unless the dtype differs
+        self.matrices = [self.stacked[slot] if live else None for slot, live in enumerate(_live_slots(weights))]
+
+    def version_now(self) -> int | None:
+        weights = self.stack()
+        return None if weights is None else weights._version
+
+    def slots_written_since(self) -> set[int] | None:
+        """The slots written between `version` and the stack's version now, or None when the writes seen do not
+        account for every change (something else wrote the stack: the whole stack must be checked again)."""
+        version, slots = self.version, set()
+        for before, after, slot in self.writes:
+            if before != version:
+                break
+            version = after
+            slots.add(slot)
+        self.writes = []
+        return slots if version == self.stack()._version else None
+
+    def refresh(self, slot: int) -> None:
+        weights = self.stack()
+        if self.copied:
+            flat = weights[:, 0] if weights.dim() == 4 else weights
+            self.stacked[slot].copy_(flat[slot, : self.shape[0]].transpose(0, 1))
+        self.matrices[slot] = self.stacked[slot] if _live_slots(weights[slot : slot + 1])[0] else None
+
+
+def _live_slots(weights: torch.Tensor) -> list[bool]:
+    """Which slots of a stack hold any non-zero weight. abs().amax() reads the stack in one vectorised pass, 2.5-5x
+    faster than ne(0).any() (which builds a bool copy); it keeps NaN and inf slots live and -0.0 ones empty."""
+    return weights.reshape(weights.shape[0], -1).abs().amax(dim=1).ne(0).tolist()
+
+
+def stack_versions() -> dict[int, int]:
+    """The version of every stack known here, for `slot_written` after a write to one slot."""
+    return {key: entry.version_now() for key, entry in list(_matrices.items())}
+
+
+def slot_written(before: dict[int, int], slot: int) -> None:
+    """Record that between `before` (from `stack_versions`) and now only `slot` of each stack was written (vLLM's
+    activate_adapter writes one slot of every stack: each adapter load or slot swap). The next use of a stack then
+    checks that slot alone: the full check of every slot of every stack was most of a cold adapter's cost."""
+    for key, version in before.items():
+        entry = _matrices.get(key)
+        now = entry.version_now() if entry is not None else None
+        if now is not None and now != version:
+            if len(entry.writes) >= _WRITES_KEPT:  # a stack no op has asked for since: it gets the full check
+                entry.writes.clear()
+            entry.writes.append((version, now, slot))
+
+
+_WRITES_KEPT = 64
 
 
 class PaddedPlan(NamedTuple):
@@ -136,7 +199,7 @@ _plans: list[tuple[SlotGroups, int, PaddedPlan | None]] = []
 
 
 _MATRICES_KEPT = 4096  # an engine has a few hundred stacks (2 per wrapped module and slice)
-_matrices: dict[int, tuple[weakref.ref, tuple, list]] = {}
+_matrices: dict[int, _Stack] = {}
 
 
 def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, indices: torch.Tensor, cols: slice,

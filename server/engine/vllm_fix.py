@@ -36,6 +36,8 @@ def register() -> None:
     from server.engine.grouped_lora_ops import GROUPED  # torch: imported in engine processes only
 
     grouped, patched = grouped_ops_enabled(), False
+    if grouped:
+        track_slot_writes()
     for name in _OPS:
         original = getattr(lora_ops, name)
         if getattr(original, "_skips_no_lora_rows", False):
@@ -52,6 +54,28 @@ def register() -> None:
         log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter; %s",
                  "adapter rows grouped by slot (one matmul per slot)" if grouped
                  else "vLLM's per-token ops (LORASERVE_ENGINE_GROUPED_LORA_OPS=false)")
+
+
+def track_slot_writes() -> None:
+    """Tell the grouped ops which slot each adapter activation wrote, so they re-check that slot's weights alone."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from server.engine.grouped_lora_ops import slot_written, stack_versions
+
+    original = LoRAModelManager.activate_adapter
+    if getattr(original, "_tracks_slot_writes", False):
+        return
+
+    @functools.wraps(original)
+    def activate_adapter(self, lora_id: int) -> bool:
+        before = stack_versions()
+        activated = original(self, lora_id)
+        if activated:  # vLLM wrote this adapter's slot of every stack, and nothing else
+            slot_written(before, self.lora_index_to_id.index(lora_id))
+        return activated
+
+    activate_adapter._tracks_slot_writes = True
+    LoRAModelManager.activate_adapter = activate_adapter
 
 
 def grouped_ops_enabled() -> bool:
