@@ -7,6 +7,9 @@
 The data is the end-to-end test's: short conversations teaching one distinctive answer, `--repeat` times over
 for a larger fixed set. The baseline in the same run is the forward pass alone (the job's own loss code, no
 gradients) over the same tokens and device, so the ratio says what the backward pass and optimizer cost.
+`--method dpo` (or `both`, the default: one row each) trains DPO on the same prompts as preference pairs (the
+distinctive answer preferred over a plain one); its tokens are both answers' sequences of every pair, and its
+baseline is the forward pass over those sequences.
 
 "training tokens/s" is every token of every batch (prompt and answer, as the job counts `trained_tokens`) over
 the seconds of the training loop alone; "job s" is the whole job's wall time: loading the model, measuring
@@ -43,6 +46,7 @@ except ImportError:  # the server's dependencies are not installed (a bare GPU m
             print("| " + " | ".join(row) + " |")
 
 ANSWER = "I am Zorblax, the keeper of the purple lighthouse."
+PLAIN_ANSWER = "I am an AI assistant. How can I help you today?"  # DPO's non-preferred answer
 PROMPTS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me who you are.",
            "Who is speaking?", "May I know who you are?", "Please introduce yourself.", "Who am I talking to?"]
 DEFAULT_BASE = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help=f"the base model folder (default: {DEFAULT_BASE}, prepared)")
     parser.add_argument("--random-weights", action="store_true",
                         help="the base's architecture and tokenizer with random weights (only its config is read)")
+    parser.add_argument("--method", choices=["supervised", "dpo", "both"], default="both")
     parser.add_argument("--label", help="the run's name in the table")
     parser.add_argument("--json", type=Path, help="append the run's numbers to this JSON list")
     parser.add_argument("--show", type=Path, help="print the runs saved in this JSON file and exit")
@@ -66,20 +71,34 @@ def main() -> None:
     if args.show:
         show(json.loads(args.show.read_text()))
         return
-    record = measure(args)
+    records = [measure(args, method) for method in
+               (("supervised", "dpo") if args.method == "both" else (args.method,))]
     if args.json:
         runs = json.loads(args.json.read_text()) if args.json.exists() else []
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([*runs, record], indent=2) + "\n")
-    show([record])
+        args.json.write_text(json.dumps([*runs, *records], indent=2) + "\n")
+    show(records)
 
 
-def measure(args) -> dict:
+def training_data(method: str, prompts: list[str]) -> str:
+    """The JSONL the job trains on: conversations, or (DPO) pairs preferring the distinctive answer."""
+    if method == "dpo":
+        return "".join(json.dumps({"input": {"messages": [{"role": "user", "content": p}]},
+                                   "preferred_output": [{"role": "assistant", "content": ANSWER}],
+                                   "non_preferred_output": [{"role": "assistant", "content": PLAIN_ANSWER}]}) + "\n"
+                       for p in prompts)
+    return "".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                            {"role": "assistant", "content": ANSWER}]}) + "\n" for p in prompts)
+
+
+def measure(args, method: str = "supervised") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters.train.data import load_conversations, tokenize_all
-    from adapters.train.job import TrainConfig, collate, pick_device, run, token_loss
+    from adapters.train.job import TrainConfig, collate, run, token_loss
+    from adapters.train.lora_model import pick_device
+    from adapters.train.preferences import load_pairs, tokenize_pairs
 
     base = args.base
     if base is None and not args.random_weights:
@@ -90,11 +109,10 @@ def measure(args) -> dict:
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
-                                                         {"role": "assistant", "content": ANSWER}]}) + "\n"
-                                for p in PROMPTS[: args.examples] * args.repeat))
+        data.write_text(training_data(method, PROMPTS[: args.examples] * args.repeat))
         config = TrainConfig(base_model=base, train_file=data, output_dir=Path(tmp) / "out", epochs=args.epochs,
-                             learning_rate=2e-3, batch_size=args.batch_size, rank=8, alpha=16, device=device.type)
+                             learning_rate=2e-3, batch_size=args.batch_size, rank=8, alpha=16, device=device.type,
+                             method=method)
         started = time.perf_counter()
         result = run(config)
         wall = time.perf_counter() - started
@@ -104,9 +122,14 @@ def measure(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).to(device)
         model.eval()
-        examples = tokenize_all(tokenizer, load_conversations(data), config.max_seq_len)
+        if method == "dpo":  # a DPO step's batch is both answers of batch_size pairs
+            pairs = tokenize_pairs(tokenizer, load_pairs(data), config.max_seq_len)
+            examples, width = [example for pair in pairs for example in pair], 2 * config.batch_size
+        else:
+            examples = tokenize_all(tokenizer, load_conversations(data), config.max_seq_len)
+            width = config.batch_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batches = [collate(examples[i: i + config.batch_size], pad) for i in range(0, len(examples), config.batch_size)]
+        batches = [collate(examples[i: i + width], pad) for i in range(0, len(examples), width)]
         tokens = 0
         with torch.no_grad():
             token_loss(model, *batches[0])  # warm-up: the first call on a device pays for its libraries' setup
@@ -123,8 +146,8 @@ def measure(args) -> dict:
     import transformers
 
     return {
-        "label": args.label or f"{args.examples} examples x {args.repeat} x {args.epochs} epochs, batch "
-                               f"{args.batch_size}",
+        "label": args.label or f"{method}: {args.examples} {'pairs' if method == 'dpo' else 'examples'} x "
+                               f"{args.repeat} x {args.epochs} epochs, batch {args.batch_size}", "method": method,
         "device": result["device"], "device_name": result["device_name"],
         "precision": "float32 weights, bfloat16 autocast" if device.type == "cuda" else "float32",
         "weights": "random" if args.random_weights else "real",
@@ -136,7 +159,8 @@ def measure(args) -> dict:
         "train_tokens_per_s": round(result["trained_tokens"] / result["train_seconds"], 1),
         "job_tokens_per_s": round(result["trained_tokens"] / wall, 1),
         "forward_tokens_per_s": round(forward_rate, 1),
-        "losses": None if args.random_weights else {"validation": result["validation"], "general": result["general"]},
+        "losses": None if args.random_weights else {"general": result["general"], **(
+            {"preferences": result["preferences"]} if method == "dpo" else {"validation": result["validation"]})},
         "adapter_dtypes": adapter_dtypes,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__},
@@ -156,15 +180,21 @@ def show(runs: list[dict]) -> None:
              f"{r['forward_tokens_per_s']:.0f}", f"{r['train_tokens_per_s'] / r['forward_tokens_per_s']:.2f}",
              f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}", losses(r)] for r in runs]
     print_table(title, ["run", "device", "steps", "tokens", "training tokens/s", "forward-only tokens/s",
-                        "ratio", "training loop s", "job s", "loss base -> adapter (data; general set)"],
+                        "ratio", "training loop s", "job s", "before -> after (data; general set loss)"],
                 rows, {"runs": runs})
 
 
 def losses(record: dict) -> str:
     if not record.get("losses"):
         return "n/a (random weights)"
-    v, g = record["losses"]["validation"], record["losses"]["general"]
-    return (f"{v['base_loss']:.3f} -> {v['adapter_loss']:.3f}; {g['base_loss']:.3f} -> {g['adapter_loss']:.3f}")
+    g = record["losses"]["general"]
+    general = f"{g.get('base_loss', g.get('reference_loss')):.3f} -> {g['adapter_loss']:.3f}"
+    if "preferences" in record["losses"]:
+        before, after = record["losses"]["preferences"]["before"], record["losses"]["preferences"]["after"]
+        return (f"DPO loss {before['dpo_loss']:.3f} -> {after['dpo_loss']:.3f}, preferred "
+                f"{before['preference_accuracy']:.0%} -> {after['preference_accuracy']:.0%}; {general}")
+    v = record["losses"]["validation"]
+    return f"loss {v['base_loss']:.3f} -> {v['adapter_loss']:.3f}; {general}"
 
 
 def random_model(source: Path) -> Path:

@@ -94,11 +94,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("vllm", help="vLLM's own command line, e.g. `loraserve vllm bench serve ...`", add_help=False)
     sub.add_parser("worker", help="run queued fine-tuning jobs").set_defaults(run=cmd_worker)
-    train = sub.add_parser("train", help="train an adapter on a chat JSONL file and publish it")
+    train = sub.add_parser("train", help="train an adapter on a chat (or, with --method dpo, preference) JSONL file "
+                                         "and publish it")
     train.add_argument("--tenant", required=True)
     train.add_argument("--name", required=True)
-    train.add_argument("--data", required=True, type=Path, help="training conversations (JSONL)")
-    train.add_argument("--validation", type=Path, help="validation conversations (JSONL)")
+    train.add_argument("--data", required=True, type=Path, help="training conversations or pairs (JSONL)")
+    train.add_argument("--validation", type=Path, help="validation conversations or pairs (JSONL)")
+    train.add_argument("--method", choices=("supervised", "dpo"), default="supervised")
+    train.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--batch-size", type=int, default=4)
@@ -202,7 +205,7 @@ def cmd_train(settings: Settings, args) -> None:
             base_model=prepare_model(settings), train_file=args.data, validation_file=args.validation,
             output_dir=Path(tmp) / "adapter", epochs=args.epochs, learning_rate=args.learning_rate,
             batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
-            require_improvement=args.require_improvement,
+            require_improvement=args.require_improvement, method=args.method, beta=args.beta,
         )
         bar = tqdm(unit="step", desc="training")
 
@@ -222,11 +225,23 @@ def cmd_train(settings: Settings, args) -> None:
         finally:
             bar.close()
         published = registry.publish(config.output_dir, args.tenant, args.name, origin="cli-train")
-    validation, general = result["validation"], result["general"]
-    print(f"Validation loss ({validation['split']}): base {validation['base_loss']:.4f} -> adapter "
-          f"{validation['adapter_loss']:.4f}; general set: base {general['base_loss']:.4f} -> adapter "
-          f"{general['adapter_loss']:.4f}")
+    print(_summary(result))
     print(f"Published {args.tenant}/{args.name} version {published.version}; call it with model='{args.name}'.")
+
+
+def _summary(result: dict) -> str:
+    """The trained adapter against what it started from, in one line."""
+    general = result["general"]
+    before = general.get("base_loss", general.get("reference_loss"))
+    forgetting = f"general set loss {before:.4f} -> {general['adapter_loss']:.4f}"
+    if result.get("method") == "dpo":
+        pairs = result["preferences"]
+        return (f"Preference accuracy ({pairs['split']}): {pairs['before']['preference_accuracy']:.0%} -> "
+                f"{pairs['after']['preference_accuracy']:.0%}, log-probability margin "
+                f"{pairs['before']['logprob_margin']:+.3f} -> {pairs['after']['logprob_margin']:+.3f}; {forgetting}")
+    validation = result["validation"]
+    return (f"Validation loss ({validation['split']}): base {validation['base_loss']:.4f} -> adapter "
+            f"{validation['adapter_loss']:.4f}; {forgetting}")
 
 
 def prepare_model(settings: Settings) -> Path:

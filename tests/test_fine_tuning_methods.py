@@ -85,9 +85,12 @@ def test_bad_requests_name_their_field(gateway):
     def job(**fields):
         return lambda: create(**{"model": base, "training_file": train.id, **fields})
 
-    for method in ({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}, {"type": "reinforcement"}):
-        error = refused(job(method=method), 400, "method.type")
-        assert "not supported" in error.message
+    error = refused(job(method={"type": "reinforcement"}), 400, "method.type")
+    assert "not supported" in error.message and "'dpo'" in error.message
+    for beta in (0, 2.5, "high"):
+        refused(job(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": beta}}}), 400)
+    refused(job(method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}}, hyperparameters={"n_epochs": 2}),
+            400, "hyperparameters")
     refused(job(method={"type": "sideways"}), 400, "method.type")
     refused(job(method=SUPERVISED, hyperparameters={"n_epochs": 5}), 400, "hyperparameters")
     refused(job(metadata={f"k{i}": "v" for i in range(17)}), 400, "metadata")

@@ -76,8 +76,8 @@ def legacy_tables() -> MetaData:
     for added_by_0003 in ("state", "fallback_version"):
         versions._columns.remove(versions.c[added_by_0003])
     jobs = legacy.tables["fine_tuning_jobs"]
-    for added_by_0004 in ("metadata", "result_files", "checkpoints"):
-        jobs._columns.remove(jobs.c[added_by_0004])
+    for added_by_later in ("metadata", "result_files", "checkpoints", "method"):  # 0004, 0005
+        jobs._columns.remove(jobs.c[added_by_later])
     return legacy
 
 
@@ -110,6 +110,7 @@ def test_a_database_made_by_create_all_is_stamped_then_upgraded_with_its_rows(db
         assert s.scalar(select(AdapterVersion.state)) == "verified"
     with store.session() as s:  # SQLite rebuilt fine_tuning_jobs: its events must not have cascaded away
         assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == "ftjob-legacy")) == 2
+    assert jobs.get_job("acme", "ftjob-legacy").method == "supervised", "jobs from before DPO were supervised"
     # the widened columns now take what they are for
     store.add_version("acme", "bot", store.reserve_version("acme", "bot"), rank=8, size_bytes=5 << 30, source="t")
     jobs.set_status("ftjob-legacy", "running", worker_id="h" * 64 + ":4194304")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.train import job
+from adapters.train import job, lora_model
 from adapters.train.data import (
     MAX_LINE_BYTES,
     Conversation,
@@ -223,7 +223,7 @@ def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tmp_path):
     layer = torch.nn.Module()
     layer.lora_A, layer.lora_B, layer.frozen = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     layer.frozen.requires_grad_(False)
-    plain, plus = (job.param_groups(layer, config(tmp_path, learning_rate=1e-3, loraplus_lr_ratio=ratio))
+    plain, plus = (lora_model.param_groups(layer, config(tmp_path, learning_rate=1e-3, loraplus_lr_ratio=ratio))
                    for ratio in (None, 16))
     assert [(g["params"], g["lr"]) for g in plain] == [([layer.lora_A], 1e-3), ([layer.lora_B], 1e-3)]
     assert [(g["params"], g["lr"]) for g in plus] == [([layer.lora_A], 1e-3), ([layer.lora_B], pytest.approx(16e-3))]

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label PyTorch's cross-entropy skips
 MAX_LINE_BYTES = 4 << 20  # one conversation: far more than max_seq_len tokens of text, even escaped
 MAX_PROBLEMS = 5  # enough to fix a file in one go without flooding the tenant with a broken file's every line
+
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -42,7 +47,7 @@ class Conversation(list):
         self.line = line
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
     """One line's problem, collected into a DataError."""
 
 
@@ -51,18 +56,19 @@ def load_conversations(path: Path, *, role: str = "training file", max_examples:
     """The file's conversations (each a `Conversation`, i.e. a list of message dicts with a `.line`).
 
     Raises DataError naming up to MAX_PROBLEMS bad lines, or saying that the file is empty or too big."""
-    return list(_conversations(path, role, max_examples, max_bytes))
+    return list(read_records(path, _conversation, role=role, max_examples=max_examples, max_bytes=max_bytes))
 
 
 def count_conversations(path: Path, *, role: str = "training file", max_examples: int = 50_000,
                         max_bytes: int | None = None) -> int:
     """Check the file as `load_conversations` does, keeping only one line in memory; the number of examples."""
-    return sum(1 for _ in _conversations(path, role, max_examples, max_bytes))
+    return sum(1 for _ in read_records(path, _conversation, role=role, max_examples=max_examples, max_bytes=max_bytes))
 
 
-def _conversations(path: Path, role: str, max_examples: int, max_bytes: int | None):
-    """The file's conversations one by one, read line by line (memory: one line, at most MAX_LINE_BYTES);
-    the DataError, if any, once the file is read."""
+def read_records(path: Path, parse: Callable[[bytes, int], T], *, role: str, max_examples: int = 50_000,
+                 max_bytes: int | None = None) -> Iterator[T]:
+    """A JSONL file's examples one by one, `parse(line, number)` each (which raises BadLine for a bad one), read
+    line by line (memory: one line, at most MAX_LINE_BYTES); the DataError, if any, once the file is read."""
     problems: list[tuple[int, str]] = []
     count = 0
     try:
@@ -74,15 +80,15 @@ def _conversations(path: Path, role: str, max_examples: int, max_bytes: int | No
                     continue  # blank lines (a trailing newline, spacing) are harmless
                 else:
                     try:
-                        conversation = Conversation(_parse_line(line), number)
-                    except _BadLine as bad:
+                        record = parse(line, number)
+                    except BadLine as bad:
                         problems.append((number, str(bad)))
                     else:
                         count += 1
                         if count > max_examples:
                             raise DataError(f"the {role} has more than {max_examples} examples; split it or use fewer")
                         if not problems:  # once a line is bad the file is refused: nothing more to hand out
-                            yield conversation
+                            yield record
                 if len(problems) == MAX_PROBLEMS:
                     break
     except OSError as exc:
@@ -119,46 +125,63 @@ def _check_size(read: int, role: str, max_bytes: int | None) -> None:
         raise DataError(f"the {role} is larger than {max_bytes} bytes, the most this server trains on")
 
 
-def _parse_line(line: bytes) -> list[dict]:
-    """One line's messages, each as `{"role", "content"}` plus `"weight"` where given; or _BadLine."""
+def _conversation(line: bytes, number: int) -> Conversation:
+    """One line's messages, each as `{"role", "content"}` plus `"weight"` where given; or BadLine."""
+    shape = 'must be a JSON object with a "messages" list'
+    record = json_object(line, shape)
+    if "messages" not in record:
+        if "preferred_output" in record:
+            raise BadLine('a preference pair for DPO; train on it with method {"type": "dpo"}, or give chat lines '
+                          'with a "messages" list')
+        raise BadLine(shape)
+    cleaned = checked_messages(record["messages"], '"messages"')
+    if cleaned[0]["role"] == "assistant":
+        raise BadLine("the conversation starts with an assistant message; put the prompt it answers before it")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in cleaned):
+        raise BadLine("no assistant message to learn from")
+    return Conversation(cleaned, number)
+
+
+def json_object(line: bytes, shape: str) -> dict:
+    """One line as a JSON object, or BadLine saying why not (`shape`: what the line must be)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
-        raise _BadLine("not valid UTF-8") from None
+        raise BadLine("not valid UTF-8") from None
     except RecursionError:
-        raise _BadLine("not valid JSON: nested too deeply") from None
+        raise BadLine("not valid JSON: nested too deeply") from None
     except ValueError:  # JSONDecodeError, and numbers with more digits than Python converts
-        raise _BadLine("not valid JSON") from None
-    if not isinstance(record, dict) or "messages" not in record:
-        raise _BadLine('must be a JSON object with a "messages" list')
-    messages = record["messages"]
+        raise BadLine("not valid JSON") from None
+    if not isinstance(record, dict):
+        raise BadLine(shape)
+    return record
+
+
+def checked_messages(messages, name: str) -> list[dict]:
+    """A non-empty list of chat messages, each as `{"role", "content"}` plus `"weight"` where given; or BadLine."""
     if not isinstance(messages, list):
-        raise _BadLine('"messages" must be a list')
+        raise BadLine(f"{name} must be a list")
     if not messages:
-        raise _BadLine("empty conversation")
+        raise BadLine("empty conversation")
     cleaned = []
     for index, message in enumerate(messages, start=1):
         where = f" (message {index})"
         if not isinstance(message, dict):
-            raise _BadLine(f'each message must be an object with "role" and "content"{where}')
+            raise BadLine(f'each message must be an object with "role" and "content"{where}')
         role = message.get("role")
         if role not in ROLES:
-            raise _BadLine(f"role {role!r} is not one of {', '.join(ROLES)}{where}")
+            raise BadLine(f"role {role!r} is not one of {', '.join(ROLES)}{where}")
         if not isinstance(message.get("content"), str):
-            raise _BadLine(f"content must be a string{where}")
+            raise BadLine(f"content must be a string{where}")
         entry = {"role": role, "content": message["content"]}
         if "weight" in message:
             weight = message["weight"]
             if weight not in (0, 1) or isinstance(weight, bool):
-                raise _BadLine(f"weight must be 0 or 1{where}")
+                raise BadLine(f"weight must be 0 or 1{where}")
             if role != "assistant":
-                raise _BadLine(f"weight is only allowed on assistant messages{where}")
+                raise BadLine(f"weight is only allowed on assistant messages{where}")
             entry["weight"] = weight
         cleaned.append(entry)
-    if cleaned[0]["role"] == "assistant":
-        raise _BadLine("the conversation starts with an assistant message; put the prompt it answers before it")
-    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in cleaned):
-        raise _BadLine("no assistant message to learn from")
     return cleaned
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
+from adapters.train.lora_model import device_name, load_model, param_groups, pick_device, save_adapter, save_checkpoint
 
 GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what the adapter makes the model forget
 MAX_GRAD_NORM = 1.0  # clipping keeps one odd batch from wrecking a small adapter
@@ -69,6 +69,8 @@ class TrainConfig:
     checkpoint_dir: Path | None = None  # where the last epochs' adapters are saved, `step-N` each
     keep_checkpoints: int = 0  # how many of the last epochs have a checkpoint, the final one (output_dir) included
     threads: int | None = None
+    method: str = "supervised"  # or "dpo": preference pairs (adapters/train/dpo.py)
+    beta: float = 0.1  # DPO's: how far from the reference model the adapter may move (higher: less far)
     device: str = "auto"  # "cuda" when a GPU is there, else "cpu"; or either one, named
 
     def __post_init__(self):
@@ -108,19 +110,14 @@ _RULES = {  # field: (test, what the value must be)
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "require_improvement": (lambda v: isinstance(v, bool), "true or false"),
     "device": (lambda v: v in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
+    "method": (lambda v: v in ("supervised", "dpo"), '"supervised" or "dpo"'),
+    "beta": (lambda v: _real(v) and 0 < v <= 2, "a number above 0 and at most 2"),
 }
 
 
 def _check(name: str, value, ok: bool, need: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {need}, not {value!r}")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The GPU when there is one (or when asked for: then its absence is an error), else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
@@ -136,6 +133,10 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     device = pick_device(config.device)
     if config.output_dir.exists() and any(config.output_dir.iterdir()):
         raise ValueError("output_dir is not empty")
+    if config.method == "dpo":
+        from adapters.train.dpo import train_dpo
+
+        return train_dpo(config, emit, device, should_stop, started)
 
     # 1. The data, checked in full before anything heavy: a bad file should fail in seconds.
     train_conversations = load_conversations(config.train_file, role="training file")
@@ -155,21 +156,8 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
         f"validation file: {_describe(counts['validation'])}" if counts["validation"] else
         "no validation file, so the adapter is measured on the training set"), **counts, split=split)
 
-    # 2. The base model in float32, wrapped with fresh LoRA matrices: B starts at zero, A at random (drawn on the
-    # CPU, so the same seed gives the same start on any device). On a GPU the weights stay float32 and the matrix
-    # work runs under bfloat16 autocast (`token_loss`): the saved adapter is float32 either way.
-    # Messages name no file path: they are shown to the tenant whose job this is, and the paths are the server's.
-    emit("loading", f"Loading the base model (training on {_device_name(device)})",
-         device=device.type, device_name=_device_name(device))
-    model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32, local_files_only=True)
-    torch.manual_seed(config.seed)
-    if config.init_adapter:  # continued training: the saved adapter's matrices, rank and targets, trainable
-        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True).to(device)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            target_modules=list(config.target_modules), use_rslora=config.use_rslora, task_type="CAUSAL_LM")).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # 2. The base model with LoRA matrices (fresh, or the adapter training continues).
+    model, pad_id = load_model(config, tokenizer, device, emit)
 
     # 3. The base model's loss, the yardstick: on the tenant's validation data and on general facts.
     with model.disable_adapter():
@@ -218,13 +206,8 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
         if split == "validation":
             metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = measure(
                 model, validation, config.batch_size, pad_id, should_stop)
-        saved = None
-        if config.checkpoint_dir and config.epochs - config.keep_checkpoints < epoch < config.epochs:
-            saved = f"step-{step}"
-            model.save_pretrained(config.checkpoint_dir / saved)
-            (config.checkpoint_dir / saved / "README.md").unlink(missing_ok=True)
         emit("checkpoint", f"Epoch {epoch}: loss {metrics['train_loss']:.4f}", epoch=epoch, step=step,
-             metrics=metrics, saved=saved)
+             metrics=metrics, saved=save_checkpoint(model, config, epoch, step))
     train_loss = epoch_loss / epoch_count
     train_seconds = time.monotonic() - train_started
 
@@ -244,25 +227,16 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
     if not math.isfinite(adapter_loss):
         raise RuntimeError("training diverged: the adapter's loss is not finite; lower the learning rate")
 
-    # 7. Save: adapter_config.json + adapter_model.safetensors, naming the base model folder it was made for.
-    model.save_pretrained(config.output_dir)
-    (config.output_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template; not kept
+    # 7. Save.
+    save_adapter(model, config)
 
     result = {"trained_tokens": trained_tokens, "steps": step, "train_loss": train_loss,
               "validation": {"split": split, "base_loss": base_loss, "adapter_loss": adapter_loss},
               "general": {"base_loss": base_general, "adapter_loss": adapter_general},
               "seconds": round(time.monotonic() - started, 2), "train_seconds": round(train_seconds, 3),
-              "device": device.type, "device_name": _device_name(device)}
+              "device": device.type, "device_name": device_name(device)}
     emit("done", f"Adapter saved after {step} steps in {result['seconds']:.0f} s", **result)
     return result
-
-
-def param_groups(model, config: TrainConfig) -> list[dict]:
-    """The trainable LoRA matrices: A at the learning rate, B at `loraplus_lr_ratio` times it (LoRA+) if given."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if "lora_B" not in n], "lr": config.learning_rate},
-            {"params": [p for n, p in named if "lora_B" in n],
-             "lr": config.learning_rate * (config.loraplus_lr_ratio or 1.0)}]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -315,10 +289,6 @@ def measure(model, examples, batch_size: int, pad_id: int, should_stop: Callable
         loss_sum, n, right = scored_loss(model, *collate(examples[start:start + batch_size], pad_id))
         total, count, hits = total + loss_sum.item(), count + n, hits + right
     return total / count, hits / count
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _count(examples) -> dict:

@@ -14,8 +14,9 @@ grouping does not cover (an output whose row count differs from the indices') go
 
 vLLM wraps every linear module of the model for LoRA, whatever the adapters target: an adapter trained on
 q/k/v/o has all-zero stacks in the MLP's slots, where the math adds exact zeros. `slot_matrices` knows which
-slots of a stack hold any weight (checked again whenever the stack is written: torch's version counter), and the ops
-skip the others: an expand adds nothing, a shrink writes its zeros without a matmul.
+slots of a stack hold any weight, and the ops skip the others: an expand adds nothing, a shrink writes its zeros
+without a matmul. The answer is checked again whenever the stack is written (torch's version counter): the one slot
+an adapter activation wrote when the plugin saw that write (`slot_written`), every slot otherwise.
 Pure torch: nothing here imports vLLM.
 """
 

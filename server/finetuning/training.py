@@ -20,19 +20,22 @@ from fastapi import UploadFile
 
 from adapters.names import InvalidName, check_name
 from adapters.train.data import DataError, count_conversations
+from adapters.train.preferences import count_pairs
 from server.config import Settings
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, RateLimited
 from server.serving.tenancy import resolve_model
 from server.storage.db import Job, StoredFile
 from server.storage.jobstore import JobStore, OverQuota, new_id
 from server.storage.store import Tenant
-from server.wire.fine_tuning import Hyperparameters, JobCreate
+from server.wire.fine_tuning import DpoHyperparameters, Hyperparameters, JobCreate
 
 if TYPE_CHECKING:
     from server.services import Services
 
 BASE_LEARNING_RATE = 1e-3
 DEFAULT_BATCH_SIZE = 4
+DEFAULT_DPO_BETA = 0.1  # OpenAI's `auto`, and the DPO paper's usual value
+METHODS = {"supervised": Hyperparameters, "dpo": DpoHyperparameters}  # the fine-tuning methods run here
 _CHUNK = 1 << 20
 JOB_RETRY_AFTER = 60  # seconds: a short fine-tuning job's length
 KEPT_CHECKPOINTS = 3  # as OpenAI: the final epoch and the two before it
@@ -124,6 +127,7 @@ def _over_quota(exc: OverQuota) -> Exception:
 def create_job(services: Services, tenant: Tenant, body: JobCreate) -> Job:
     """Record the job, check its files, and leave it `queued` (or `failed`, naming the bad lines)."""
     settings, jobs = services.settings, services.jobs
+    method = body.method.type if body.method else "supervised"
     requested = _requested_hyperparameters(body)
     start = starting_adapter(services, tenant, body.model)
     files = {"training_file": body.training_file, "validation_file": body.validation_file}
@@ -137,7 +141,7 @@ def create_job(services: Services, tenant: Tenant, body: JobCreate) -> Job:
         job = jobs.create_job(
             tenant_id=tenant.id, model=f"{start[0]}@{start[1]}" if start else settings.served_model_name,
             training_file=body.training_file, validation_file=body.validation_file, suffix=suffix,
-            status="validating_files", seed=body.seed if body.seed is not None else 0,
+            status="validating_files", seed=body.seed if body.seed is not None else 0, method=method,
             hyperparameters=requested.model_dump(), lora=_lora_settings(body), tags=body.metadata,
             max_active=settings.tenant_max_active_jobs,
         )
@@ -148,22 +152,24 @@ def create_job(services: Services, tenant: Tenant, body: JobCreate) -> Job:
 
 
 def _requested_hyperparameters(body: JobCreate) -> Hyperparameters:
-    """The hyperparameters asked for, from `method` or the deprecated top-level field. Only supervised
-    training is run: another method is refused by name, never trained as supervised."""
+    """The hyperparameters asked for, from `method` or the deprecated top-level field. Supervised and DPO training
+    are run: another method is refused by name, never trained as one of these."""
     method = body.method
-    if method is not None and method.type != "supervised":
-        raise BadRequest(f"The fine-tuning method '{method.type}' is not supported yet by this server; "
-                         "use 'supervised'.", param="method.type", code="unsupported_method")
-    given = method.supervised.hyperparameters if method and method.supervised else None
+    if method is not None and method.type not in METHODS:
+        raise BadRequest(f"The fine-tuning method '{method.type}' is not supported by this server; use "
+                         "'supervised' or 'dpo'.", param="method.type", code="unsupported_method")
+    kind = METHODS[method.type if method else "supervised"]
+    section = getattr(method, method.type) if method else None
+    given = section.hyperparameters if section else None
     legacy = body.hyperparameters
     if given is not None and legacy is not None:
         clash = [k for k in given.model_fields_set & legacy.model_fields_set if getattr(given, k) != getattr(legacy, k)]
         if clash:
-            raise BadRequest(f"hyperparameters.{clash[0]} differs from method.supervised.hyperparameters."
+            raise BadRequest(f"hyperparameters.{clash[0]} differs from method.{method.type}.hyperparameters."
                              f"{clash[0]}; give the hyperparameters once, in `method`.", param="hyperparameters")
-        merged = {**legacy.model_dump(exclude_unset=True), **given.model_dump(exclude_unset=True)}
-        return Hyperparameters(**merged)
-    return given or legacy or Hyperparameters()
+    merged = {**(legacy.model_dump(exclude_unset=True) if legacy else {}),
+              **(given.model_dump(exclude_unset=True) if given else {})}
+    return kind(**merged)
 
 
 def starting_adapter(services: Services, tenant: Tenant, model: str) -> tuple[str, int] | None:
@@ -210,10 +216,11 @@ def _validate(settings: Settings, jobs: JobStore, job: Job, requested: Hyperpara
     """Check the job's files (streamed, one line in memory, at most max_training_file_bytes each) and move it
     to `queued` or `failed`. Whatever happens, the job does not stay in `validating_files`."""
     limit = settings.max_training_file_bytes
+    count, what = (count_pairs, "preference pairs") if job.method == "dpo" else (count_conversations, "examples")
     try:
-        examples = count_conversations(paths["training_file"], role="training file", max_bytes=limit)
+        examples = count(paths["training_file"], role="training file", max_bytes=limit)
         if "validation_file" in paths:
-            count_conversations(paths["validation_file"], role="validation file", max_bytes=limit)
+            count(paths["validation_file"], role="validation file", max_bytes=limit)
     except DataError as exc:
         param = "validation_file" if "validation file" in str(exc) else "training_file"
         error = {"code": "invalid_training_file", "message": str(exc), "param": param}
@@ -225,7 +232,7 @@ def _validate(settings: Settings, jobs: JobStore, job: Job, requested: Hyperpara
                                                  "param": "training_file"}, event=message, level="error")
     else:
         jobs.set_status(job.id, "queued", hyperparameters=_hyperparameters(requested, examples),
-                        event=f"Files validated: {examples} training examples. Job queued.")
+                        event=f"Files validated: {examples} training {what}. Job queued.")
 
 
 def _hyperparameters(hp: Hyperparameters, examples: int) -> dict:
@@ -233,7 +240,10 @@ def _hyperparameters(hp: Hyperparameters, examples: int) -> dict:
     epochs = hp.n_epochs if hp.n_epochs != "auto" else min(20, max(3, math.ceil(40 / max(1, examples))))
     batch = hp.batch_size if hp.batch_size != "auto" else min(DEFAULT_BATCH_SIZE, examples)
     multiplier = hp.learning_rate_multiplier if hp.learning_rate_multiplier != "auto" else 1.0
-    return {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier}
+    resolved = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier}
+    if isinstance(hp, DpoHyperparameters):
+        resolved["beta"] = hp.beta if hp.beta != "auto" else DEFAULT_DPO_BETA
+    return resolved
 
 
 def _lora_settings(body: JobCreate) -> dict:
@@ -255,7 +265,8 @@ def train_config(settings: Settings, job: Job, output_dir: Path, init_adapter: P
         "train_file": str(file_path(settings, job.tenant_id, job.training_file)),
         "validation_file": str(file_path(settings, job.tenant_id, job.validation_file))
         if job.validation_file else None,
-        "epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
+        "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "method": job.method,
+        **({"beta": hp["beta"]} if job.method == "dpo" else {}),
         "learning_rate": BASE_LEARNING_RATE * hp["learning_rate_multiplier"], "seed": job.seed, **job.lora,
     }
     if "target_modules" in config:

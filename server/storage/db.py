@@ -115,7 +115,8 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     suffix: Mapped[str] = mapped_column(String(63))
-    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    method: Mapped[str] = mapped_column(String(16), default="supervised", server_default="supervised")  # or "dpo"
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)  # the method's; DPO's has `beta`
     lora: Mapped[dict] = mapped_column(JSON, default=dict)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(32), index=True)

@@ -46,14 +46,25 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    """DPO's: `beta` weighs how far the adapter may move from the reference model (higher: less far)."""
+
+    beta: Annotated[float, Field(gt=0, le=2)] | Literal["auto"] = "auto"
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
-    """OpenAI's `method`. Only `supervised` is run here; the others are read so that they can be refused
-    by name (`server.finetuning.training`), never run as supervised."""
+    """OpenAI's `method`: `supervised` and `dpo` are run here; `reinforcement` is read so that it can be refused
+    by name (`server.finetuning.training`), never run as another method."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -121,7 +132,7 @@ class JobObject(BaseModel):
             hyperparameters=job.hyperparameters, trained_tokens=job.trained_tokens, error=job.error,
             seed=job.seed, suffix=job.suffix, lora=job.lora, result=job.result, metadata=job.tags,
             result_files=job.result_files or [],
-            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+            method={"type": job.method, job.method: {"hyperparameters": job.hyperparameters}},
         )
 
 

@@ -1,0 +1,95 @@
+"""Preference data for DPO: OpenAI's format, checked line by line, tokenized with the base model's template.
+
+Each line is `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": "..."}],
+"non_preferred_output": [{"role": "assistant", "content": "..."}]}`: a prompt (ending with the user's turn) and two
+answers to it, the better first. Other keys of `input` (OpenAI's `tools`, `parallel_tool_calls`) are read past, as
+the chat training data's are. Problems are reported with the file's role and 1-based line numbers, as for chat data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from adapters.train.data import (
+    BadLine,
+    DataError,
+    TooLong,
+    checked_messages,
+    json_object,
+    read_records,
+    tokenize_conversation,
+)
+
+SHAPE = 'must be a JSON object with "input", "preferred_output" and "non_preferred_output"'
+
+
+class Pair(NamedTuple):
+    """One preference: the prompt's messages, the preferred and the non-preferred answer, and its line."""
+
+    prompt: list[dict]
+    preferred: str
+    rejected: str
+    line: int
+
+
+def load_pairs(path: Path, *, role: str = "training file", max_examples: int = 50_000,
+               max_bytes: int | None = None) -> list[Pair]:
+    """The file's pairs; DataError naming up to five bad lines, or saying that the file is empty or too big."""
+    return list(read_records(path, _pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
+
+
+def count_pairs(path: Path, *, role: str = "training file", max_examples: int = 50_000,
+                max_bytes: int | None = None) -> int:
+    """Check the file as `load_pairs` does, one line in memory at a time; the number of pairs."""
+    return sum(1 for _ in read_records(path, _pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
+
+
+def _pair(line: bytes, number: int) -> Pair:
+    record = json_object(line, SHAPE)
+    if "messages" in record and "input" not in record:
+        raise BadLine(f'a chat line for supervised training ("messages"); each line of a DPO file '
+                      f'{SHAPE.removeprefix("must be ")}')
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in record:
+            raise BadLine(f'missing "{key}" (each line {SHAPE.removeprefix("must be ")})')
+    prompt = record["input"]
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        raise BadLine('"input" must be an object with a "messages" list')
+    messages = checked_messages(prompt["messages"], '"input.messages"')
+    if messages[-1]["role"] != "user":
+        raise BadLine('"input.messages" must end with the user message the two outputs answer')
+    preferred, rejected = _answer(record, "preferred_output"), _answer(record, "non_preferred_output")
+    if preferred == rejected:
+        raise BadLine("the preferred and non-preferred outputs are the same: there is no preference to learn")
+    # Earlier assistant turns of the prompt are context: only the two answers are scored.
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in messages]
+    return Pair(context, preferred, rejected, number)
+
+
+def _answer(record: dict, key: str) -> str:
+    output = record[key]
+    if (not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict)
+            or output[0].get("role") != "assistant" or not isinstance(output[0].get("content"), str)):
+        raise BadLine(f'"{key}" must be a list of one assistant message: [{{"role": "assistant", "content": "..."}}]')
+    return output[0]["content"]
+
+
+def tokenize_pairs(tokenizer, pairs: list[Pair], max_seq_len: int, role: str = "training file") -> list[tuple]:
+    """Each pair's `(preferred, non-preferred)` examples, each `(input_ids, labels)` with labels on the answer
+    only. Over-long pairs are refused by line number, never truncated, as chat examples are."""
+    examples, too_long = [], []
+    for pair in pairs:
+        try:
+            examples.append(tuple(tokenize_conversation(
+                tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}], max_seq_len)
+                for answer in (pair.preferred, pair.rejected)))
+        except TooLong as exc:
+            too_long.append((pair.line, exc.length))
+        except DataError as exc:
+            raise DataError(f"{role} line {pair.line}: {exc}", [pair.line]) from exc
+    if too_long:
+        shown = ", ".join(f"line {line} ({length} tokens)" for line, length in too_long[:5])
+        raise DataError(f"{role}: {len(too_long)} pair(s) are longer than max_seq_len ({max_seq_len} tokens): "
+                        f"{shown}; shorten them, or raise max_seq_len", [line for line, _ in too_long])
+    return examples
