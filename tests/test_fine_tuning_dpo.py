@@ -79,6 +79,21 @@ def test_a_dpo_job_flips_the_models_preference_and_the_adapter_serves(gateway, w
     [result] = done.result_files
     assert alpha.files.content(result).text.startswith("step,train_loss,train_accuracy")
 
+    # Continued: DPO from the adapter, measured on a validation file. The reference is the starting version, which
+    # already prefers the preferred answers: the "before" figures are that version's, not the base model's.
+    held_out = upload(alpha, jsonl([pair("What is frozen water called?", pirate("Ice"), PLAIN["What is frozen water "
+                                                                                         "called?"])]), "held.jsonl")
+    more = alpha.fine_tuning.jobs.create(model="pirate", training_file=job.training_file, validation_file=held_out.id,
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}})
+    assert more.model == done.fine_tuned_model and more.method.dpo.hyperparameters.beta == 0.1  # "auto"
+    again = wait_for(alpha, more.id, ("succeeded", "failed", "cancelled"))
+    assert again.status == "succeeded", again.error
+    continued = again.model_extra["result"]["preferences"]
+    assert continued["split"] == "validation" and continued["before"]["logprob_margin"] > 0
+    [checkpoint] = alpha.fine_tuning.jobs.checkpoints.list(more.id)
+    figures = {k for k, v in checkpoint.metrics.model_dump().items() if v is not None}
+    assert {"valid_loss", "valid_preference_accuracy", "valid_reward_margin"} <= figures
+
 
 @pytest.mark.parametrize(("lines", "words"), [
     ([pair("Hi?", "Ahoy!", "Hello.") | {"non_preferred_output": None}, pair("Yo?", "Arr.", "Hey.")],
