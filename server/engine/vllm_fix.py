@@ -38,6 +38,7 @@ def register() -> None:
     grouped, patched = grouped_ops_enabled(), False
     if grouped:
         track_slot_writes()
+        group_lora_linear(punica_cpu.PunicaWrapperCPU)
     for name in _OPS:
         original = getattr(lora_ops, name)
         if getattr(original, "_skips_no_lora_rows", False):
@@ -52,8 +53,17 @@ def register() -> None:
             setattr(punica_cpu, name, fixed)  # imported there by name
     if patched:
         log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter; %s",
-                 "adapter rows grouped by slot (one matmul per slot)" if grouped
+                 "adapter rows grouped by slot (one matmul per slot, all slices of a module in one pass)" if grouped
                  else "vLLM's per-token ops (LORASERVE_ENGINE_GROUPED_LORA_OPS=false)")
+
+
+def group_lora_linear(wrapper: type) -> None:
+    """Replace the CPU wrapper's per-slice shrink and expand calls with one grouped pass (grouped_lora_linear.py)."""
+    from server.engine.grouped_lora_linear import grouped_add_lora_linear
+
+    original = wrapper.add_lora_linear
+    if not getattr(original, "_skips_no_lora_rows", False):
+        wrapper.add_lora_linear = functools.wraps(original)(grouped_add_lora_linear(original))
 
 
 def track_slot_writes() -> None:
