@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 
 from adapters.train.data import IGNORE, load_conversations, tokenize_all
 from adapters.train.job import GENERAL_SET, MAX_GRAD_NORM, Cancelled, NoImprovement, TrainConfig, collate, evaluate
-from adapters.train.lora_model import device_name, load_model, param_groups, save_adapter, save_checkpoint
+from adapters.train.lora_model import device_name, load_model, optimizer_for, save_adapter, save_checkpoint
 from adapters.train.preferences import load_pairs, tokenize_pairs
 
 
@@ -68,12 +68,8 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
          **before)
 
     # 3. Train: the same optimizer and schedule as supervised training, DPO's loss.
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, total_steps // 10)
-    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
+    optimizer, scheduler, trainable = optimizer_for(model, config, total_steps)
     rng, order = random.Random(config.seed), list(range(len(train)))
     step = trained_tokens = 0
     train_started = time.monotonic()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
-from adapters.train.lora_model import device_name, load_model, param_groups, pick_device, save_adapter, save_checkpoint
+from adapters.train.lora_model import device_name, load_model, optimizer_for, pick_device, save_adapter, save_checkpoint
 
 GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what the adapter makes the model forget
 MAX_GRAD_NORM = 1.0  # clipping keeps one odd batch from wrecking a small adapter
@@ -167,12 +167,8 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
          stage="before", split=split, validation_loss=base_loss, general_loss=base_general)
 
     # 4. Train: AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate.
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, total_steps // 10)
-    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
+    optimizer, scheduler, trainable = optimizer_for(model, config, total_steps)
     rng, order = random.Random(config.seed), list(range(len(train)))
     step = trained_tokens = 0
     train_started = time.monotonic()

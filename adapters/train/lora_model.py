@@ -55,6 +55,15 @@ def save_adapter(model, config: TrainConfig) -> None:
     (config.output_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template; not kept
 
 
+def optimizer_for(model, config: TrainConfig, total_steps: int) -> tuple:
+    """AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate: the optimizer, its
+    scheduler and the trainable parameters (to clip)."""
+    warmup = max(1, total_steps // 10)
+    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler, [p for p in model.parameters() if p.requires_grad]
+
+
 def param_groups(model, config: TrainConfig) -> list[dict]:
     """The trainable LoRA matrices: A at the learning rate, B at `loraplus_lr_ratio` times it (LoRA+) if given."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
