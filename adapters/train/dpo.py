@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from adapters.train.data import IGNORE, load_conversations, tokenize_all
-from adapters.train.job import GENERAL_SET, MAX_GRAD_NORM, Cancelled, NoImprovement, TrainConfig, collate, evaluate
-from adapters.train.lora_model import device_name, load_model, optimizer_for, save_adapter, save_checkpoint
+from adapters.train.job import GENERAL_SET, Cancelled, NoImprovement, TrainConfig, collate, evaluate
+from adapters.train.lora_model import LoraOptimizer, device_name, load_model, save_adapter, save_checkpoint
 from adapters.train.preferences import load_pairs, tokenize_pairs
 
 
@@ -69,7 +69,7 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
 
     # 3. Train: the same optimizer and schedule as supervised training, DPO's loss.
     total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
-    optimizer, scheduler, trainable = optimizer_for(model, config, total_steps)
+    optimizer = LoraOptimizer(model, config, total_steps)
     rng, order = random.Random(config.seed), list(range(len(train)))
     step = trained_tokens = 0
     train_started = time.monotonic()
@@ -84,14 +84,7 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
             logps = pair_logprobs(model, [train[i] for i in picked], pad_id)
             losses, right = dpo_loss(logps, train_reference[picked], config.beta)
             loss = losses.mean()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged: the loss is {loss.item()} at step {step + 1}; "
-                                   "lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
+            optimizer.step(loss, step + 1)
             step += 1
             trained_tokens += sum(len(ids) for i in picked for ids, _ in train[i])
             epoch_loss, epoch_right = epoch_loss + losses.sum().item(), epoch_right + right

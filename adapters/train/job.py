@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
-from adapters.train.lora_model import device_name, load_model, optimizer_for, pick_device, save_adapter, save_checkpoint
+from adapters.train.lora_model import LoraOptimizer, device_name, load_model, pick_device, save_adapter, save_checkpoint
 
 GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what the adapter makes the model forget
-MAX_GRAD_NORM = 1.0  # clipping keeps one odd batch from wrecking a small adapter
 
 
 class Cancelled(Exception):
@@ -168,7 +167,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
 
     # 4. Train: AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate.
     total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
-    optimizer, scheduler, trainable = optimizer_for(model, config, total_steps)
+    optimizer = LoraOptimizer(model, config, total_steps)
     rng, order = random.Random(config.seed), list(range(len(train)))
     step = trained_tokens = 0
     train_started = time.monotonic()
@@ -182,14 +181,7 @@ def run(config: TrainConfig, report: Callable[[dict], None] = lambda e: None,
             batch = collate([train[i] for i in order[start:start + config.batch_size]], pad_id)
             loss_sum, count, hits = scored_loss(model, *batch)
             loss = loss_sum / count
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged: the loss is {loss.item()} at step {step + 1}; "
-                                   "lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
+            optimizer.step(loss, step + 1)
             step += 1
             trained_tokens += int(batch[1].sum())
             epoch_loss, epoch_count, epoch_hits = epoch_loss + loss_sum.item(), epoch_count + count, epoch_hits + hits

@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+MAX_GRAD_NORM = 1.0  # clipping keeps one odd batch from wrecking a small adapter
+
 if TYPE_CHECKING:
     from adapters.train.job import TrainConfig
 
@@ -55,13 +57,25 @@ def save_adapter(model, config: TrainConfig) -> None:
     (config.output_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template; not kept
 
 
-def optimizer_for(model, config: TrainConfig, total_steps: int) -> tuple:
-    """AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate: the optimizer, its
-    scheduler and the trainable parameters (to clip)."""
-    warmup = max(1, total_steps // 10)
-    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    return optimizer, scheduler, [p for p in model.parameters() if p.requires_grad]
+class LoraOptimizer:
+    """AdamW over the LoRA matrices only, a short linear warmup, then a constant learning rate; gradients clipped."""
+
+    def __init__(self, model, config: TrainConfig, total_steps: int) -> None:
+        warmup = max(1, total_steps // 10)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, loss: torch.Tensor, number: int) -> None:
+        """One update from `loss` (step `number`, for the message when the loss is not finite)."""
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged: the loss is {loss.item()} at step {number}; "
+                               "lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
 
 
 def param_groups(model, config: TrainConfig) -> list[dict]:
