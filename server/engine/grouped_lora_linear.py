@@ -18,10 +18,23 @@ the output. Anything this does not cover (a caller's own `buffer`, rows that do 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from server.engine.grouped_lora_ops import _slot_weights, padded_plan, slot_groups
+from server.engine.grouped_lora_ops import padded_plan, slot_groups, slot_weights
+
+
+class _Slice(NamedTuple):
+    """One output slice of a module: its columns, and its A and B matrices per slot (`slot_weights`)."""
+
+    offset: int
+    width: int
+    a: list
+    b: list
+    a_stacked: torch.Tensor
+    b_stacked: torch.Tensor
+    live: list[bool]  # the slot holds weights in both A and B
 
 
 def grouped_add_lora_linear(fallback: Callable) -> Callable:
@@ -29,11 +42,10 @@ def grouped_add_lora_linear(fallback: Callable) -> Callable:
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         indices = self.token_lora_indices
-        rows = x.view(-1, x.shape[-1])
-        if buffer is not None or indices.dim() != 1 or not rows.shape[0] == y.view(-1, y.shape[-1]).shape[0] == \
-                indices.shape[0] > 0:
+        rows, out = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if buffer is not None or indices.dim() != 1 or not rows.shape[0] == out.shape[0] == indices.shape[0] > 0:
             return fallback(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
-        lora_linear(y.view(-1, y.shape[-1]), rows, lora_a_stacked, lora_b_stacked, scale, output_slices, indices)
+        lora_linear(out, rows, lora_a_stacked, lora_b_stacked, scale, output_slices, indices)
 
     add_lora_linear._skips_no_lora_rows = True
     return add_lora_linear
@@ -43,42 +55,37 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, a_stacks: tuple, b_stacks: tup
                 output_slices: tuple[int, ...], indices: torch.Tensor) -> None:
     """y[r, slice i] += (x[r] @ A_i[s].T * scale) @ B_i[s].T for every row r of slot s = indices[r] >= 0."""
     groups = slot_groups(indices)
-    if not groups.spans:
-        return
-    slices, offset = [], 0
-    for a, b, width in zip(a_stacks, b_stacks, output_slices, strict=True):
-        a_matrices, a_stacked = _slot_weights(a, a.shape[-2], torch.float32)
-        b_matrices, b_stacked = _slot_weights(b, width, y.dtype)
-        live = [m is not None and n is not None for m, n in zip(a_matrices, b_matrices, strict=True)]
-        slices.append((offset, width, a_matrices, b_matrices, a_stacked, b_stacked, live))
-        offset += width
     used = {slot for slot, _, _ in groups.spans}
-    slices = [s for s in slices if any(s[6][slot] for slot in used)]
-    if not slices:  # no adapter of this batch targets this module
+    slices, offset = [], 0
+    for a_stack, b_stack, width in zip(a_stacks, b_stacks, output_slices, strict=True):
+        a, a_stacked = slot_weights(a_stack, a_stack.shape[-2], torch.float32)
+        b, b_stacked = slot_weights(b_stack, width, y.dtype)
+        live = [m is not None and n is not None for m, n in zip(a, b, strict=True)]
+        if any(live[slot] for slot in used):  # else no adapter of this batch targets this slice
+            slices.append(_Slice(offset, width, a, b, a_stacked, b_stacked, live))
+        offset += width
+    if not slices:
         return
     if groups.order is None:  # one slot for the whole batch: no gather, no scatter
-        slot = groups.spans[0][0]
-        inputs = x.to(torch.float32)
-        for offset, width, a_matrices, b_matrices, _, _, live in slices:
-            if live[slot]:
-                shrunk = (inputs @ a_matrices[slot]).mul_(scale).to(y.dtype)
-                y[:, offset:offset + width].add_(shrunk @ b_matrices[slot])
+        slot, inputs = groups.spans[0][0], x.to(torch.float32)
+        for part in slices:
+            shrunk = (inputs @ part.a[slot]).mul_(scale).to(y.dtype)
+            y[:, part.offset:part.offset + part.width].add_(shrunk @ part.b[slot])
         return
-    order = groups.order
-    plan = padded_plan(groups, slices[0][4].shape[0])
+    order, slots = groups.order, slices[0].a_stacked.shape[0]
+    plan = padded_plan(groups, slots)
     values = torch.zeros((order.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
     if plan is not None:  # many slots, few rows each (decode): batched matmuls over every slot
-        slots = slices[0][4].shape[0]
         padded = x.index_select(0, plan.gather).to(torch.float32).view(slots, plan.rows, -1)
-        for offset, width, _, _, a_stacked, b_stacked, _ in slices:
-            shrunk = torch.bmm(padded, a_stacked).mul_(scale).to(y.dtype)  # empty slots: zeros, added as zeros
-            expanded = torch.bmm(shrunk, b_stacked).view(-1, width)
-            values[:, offset:offset + width] = expanded.index_select(0, plan.scatter)
+        for part in slices:
+            shrunk = torch.bmm(padded, part.a_stacked).mul_(scale).to(y.dtype)  # empty slots: zeros, added as zeros
+            expanded = torch.bmm(shrunk, part.b_stacked).view(-1, part.width)
+            values[:, part.offset:part.offset + part.width] = expanded.index_select(0, plan.scatter)
     else:  # few slots or long runs (prefill): one matmul per slot's run and slice
         gathered = x.index_select(0, order).to(torch.float32)
         for slot, start, end in groups.spans:
-            for offset, width, a_matrices, b_matrices, _, _, live in slices:
-                if live[slot]:
-                    shrunk = (gathered[start:end] @ a_matrices[slot]).mul_(scale).to(y.dtype)
-                    values[start:end, offset:offset + width] = shrunk @ b_matrices[slot]
+            for part in slices:
+                if part.live[slot]:
+                    shrunk = (gathered[start:end] @ part.a[slot]).mul_(scale).to(y.dtype)
+                    values[start:end, part.offset:part.offset + part.width] = shrunk @ part.b[slot]
     y.index_add_(0, order, values)

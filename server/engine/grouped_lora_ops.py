@@ -79,10 +79,10 @@ def slot_matrices(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> list[
     Kept per tensor until the tensor is written again: vLLM's set_lora/reset_lora write the stacks in place
     (a copy into a view, or an assignment), which bumps the version counter the views share with the stack.
     The matrices are views of the stack (copies only where `dtype` differs from the stack's)."""
-    return _slot_weights(weights, rows, dtype)[0]
+    return slot_weights(weights, rows, dtype)[0]
 
 
-def _slot_weights(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+def slot_weights(weights: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
     """`slot_matrices`, and the same matrices as one (slots, in, rows) stack for a batched matmul."""
     known = _matrices.get(id(weights))
     if known is not None and known.stack() is weights and known.shape == (rows, dtype):
@@ -212,7 +212,7 @@ def _apply(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, in
     When padding every slot's run to the longest costs little (`padded_plan`), one batched matmul replaces the
     per-slot ones: at 16 slots of one decode row each, ~1/3 of the loop's time."""
     view, width = output[:, cols], cols.stop - cols.start
-    (matrices, stacked), groups = _slot_weights(weights, width, output.dtype), slot_groups(indices)
+    (matrices, stacked), groups = slot_weights(weights, width, output.dtype), slot_groups(indices)
     if groups.order is None:  # one slot (or none) for the whole batch: no gather, no scatter
         if not groups.spans:
             return
