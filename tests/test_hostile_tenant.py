@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ADMIN_KEY
@@ -335,3 +336,30 @@ def test_oversized_bodies_without_a_key_are_refused_before_they_are_read(gateway
         assert reply.status_code in (401, 403), reply.text
         assert json.loads(reply.text)["error"]["type"] in ("authentication_error", "permission_error")
         assert sent < 16 << 20, f"the gateway pulled {sent >> 20} MB of an unauthenticated body"
+
+
+def test_concurrent_prompt_logprobs_on_adapters_do_not_kill_the_engine(gateway):
+    """Guards a crash found by golden-set evaluation: vLLM's CPU logits LoRA, given one request's prompt logits in a
+    batch of several, failed its einsum on the row count and the engine core died for every tenant. A tenant could
+    do it on purpose with a few concurrent `echo` + `logprobs` completions on an adapter. Every request must now be
+    answered, and a request's prompt logprobs in the crowd must be those it gets alone."""
+    alpha, beta = gateway.tenants["alpha"].key, gateway.tenants["beta"].key
+    gateway.wait_quiet()
+    prompts = [" ".join(["word"] * n) + " end" for n in (3, 17, 40, 9, 28, 61)]
+    asks = [(key, model, prompt) for prompt in prompts
+            for key, model in ((alpha, "support"), (beta, "legal"), (beta, gateway.settings.served_model_name))]
+
+    def ask(key, model, prompt):
+        return completion(gateway, key, prompt, model=model, echo=True, logprobs=0, max_tokens=2)
+
+    alone = ask(alpha, "support", prompts[2])
+    assert alone.status_code == 200, alone.text
+    with ThreadPoolExecutor(len(asks)) as pool:
+        replies = list(pool.map(lambda a: ask(*a), asks))
+    failed = [r.text[:200] for r in replies if r.status_code != 200]
+    assert not failed and len(replies) == len(asks), failed
+    assert gateway.ready()
+    crowd = replies[asks.index((alpha, "support", prompts[2]))].json()["choices"][0]["logprobs"]["token_logprobs"]
+    single = alone.json()["choices"][0]["logprobs"]["token_logprobs"]
+    prompt_tokens = len(single) - 2  # two generated tokens follow the echoed prompt
+    assert crowd[1:prompt_tokens] == pytest.approx(single[1:prompt_tokens], abs=2e-2)

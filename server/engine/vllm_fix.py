@@ -35,6 +35,7 @@ def register() -> None:
         return
     from server.engine.grouped_lora_ops import GROUPED  # torch: imported in engine processes only
 
+    guard_prompt_logits(punica_cpu.PunicaWrapperCPU)
     grouped, patched = grouped_ops_enabled(), False
     if grouped:
         track_slot_writes()
@@ -55,6 +56,33 @@ def register() -> None:
         log.info("CPU LoRA ops patched: base-model rows of mixed batches get no adapter; %s",
                  "adapter rows grouped by slot (one matmul per slot, all slices of a module in one pass)" if grouped
                  else "vLLM's per-token ops (LORASERVE_ENGINE_GROUPED_LORA_OPS=false)")
+
+
+def guard_prompt_logits(wrapper: type) -> None:
+    """Prompt logprobs (`echo` with `logprobs`, `prompt_logprobs`) in a batch of several requests must not kill the
+    engine. vLLM computes one request's prompt logits apart from the batch, with the CPU wrapper's logits LoRA still
+    mapped per *sampled* row: its einsum then fails on the row count and the engine core dies, for every tenant.
+    Those rows' adapter is not known there; where no adapter in the slots has an output-layer LoRA (this server's
+    adapters are on linear layers inside the model; SmolLM2 ties its output layer) the delta is zero and skipping
+    it is exact. One sampled row (the request alone) keeps vLLM's path, which applies that request's adapter."""
+    original = wrapper.add_lora_logits
+    if getattr(original, "_guards_prompt_rows", False):
+        return
+    warned = []
+
+    @functools.wraps(original)
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs):
+        rows, sampled = x.reshape(-1, x.shape[-1]).shape[0], self.sampler_indices.numel()
+        if rows == sampled or sampled == 1:
+            return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs)
+        if not warned and bool(lora_b_stacked.any()):
+            warned.append(True)
+            log.warning("prompt logprobs in a batch with an output-layer adapter loaded: computed without that "
+                        "adapter's output-layer delta")
+        return None
+
+    add_lora_logits._guards_prompt_rows = True
+    wrapper.add_lora_logits = add_lora_logits
 
 
 def group_lora_linear(wrapper: type) -> None:
