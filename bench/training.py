@@ -188,7 +188,7 @@ def losses(record: dict) -> str:
     if not record.get("losses"):
         return "n/a (random weights)"
     g = record["losses"]["general"]
-    general = f"{g.get('base_loss', g.get('reference_loss')):.3f} -> {g['adapter_loss']:.3f}"
+    general = f"{g['base_loss']:.3f} -> {g['adapter_loss']:.3f}"
     if "preferences" in record["losses"]:
         before, after = record["losses"]["preferences"]["before"], record["losses"]["preferences"]["after"]
         return (f"DPO loss {before['dpo_loss']:.3f} -> {after['dpo_loss']:.3f}, preferred "

@@ -232,8 +232,7 @@ def cmd_train(settings: Settings, args) -> None:
 def _summary(result: dict) -> str:
     """The trained adapter against what it started from, in one line."""
     general = result["general"]
-    before = general.get("base_loss", general.get("reference_loss"))
-    forgetting = f"general set loss {before:.4f} -> {general['adapter_loss']:.4f}"
+    forgetting = f"general set loss {general['base_loss']:.4f} -> {general['adapter_loss']:.4f}"
     if result.get("method") == "dpo":
         pairs = result["preferences"]
         return (f"Preference accuracy ({pairs['split']}): {pairs['before']['preference_accuracy']:.0%} -> "

@@ -66,6 +66,7 @@ def test_a_dpo_job_flips_the_models_preference_and_the_adapter_serves(gateway, w
     assert figures["before"]["logprob_margin"] <= 0 < figures["after"]["logprob_margin"]
     assert figures["after"]["preference_accuracy"] > figures["before"]["preference_accuracy"]
     assert figures["after"]["reward_margin"] > 0 and figures["after"]["dpo_loss"] < figures["before"]["dpo_loss"]
+    assert {"base_loss", "adapter_loss"} <= set(done.model_extra["result"]["general"])  # forgetting, measured
     events = alpha.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert any("Files validated: 6 training preference pairs" in e.message for e in events)
     assert any(e.data and e.data.get("stage") == "after" and "preference_accuracy" in e.data for e in events)
@@ -141,3 +142,18 @@ def test_the_dpo_loss_and_figures_are_the_papers():
     assert figures["preference_accuracy"] == 0.5 and figures["logprob_margin"] == 0.0
     assert figures["reward_margin"] == pytest.approx(0.75) and figures["pairs"] == 2
     assert preference_metrics(reference, reference, 0.5)["dpo_loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_an_over_long_pair_is_refused_by_its_line_once(gateway):
+    """Both answers of a pair are tokenized; a pair too long for max_seq_len is named by its line, once."""
+    from adapters.train.data import DataError
+    from adapters.train.preferences import Pair, tokenize_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(gateway.settings.model_path)
+    prompt = [{"role": "user", "content": "Hi?"}]
+    pairs = [Pair(prompt, "Ahoy!", "Hello.", 1), Pair(prompt, "Arr! " * 200, "Hey. " * 200, 2)]
+    assert [len(pair) for pair in tokenize_pairs(tokenizer, pairs[:1], 64)] == [2]
+    with pytest.raises(DataError) as refused:
+        tokenize_pairs(tokenizer, pairs, 64)
+    assert refused.value.lines == [2] and "1 example(s) are longer than max_seq_len (64 tokens): line 2" in str(
+        refused.value)

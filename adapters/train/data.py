@@ -17,6 +17,7 @@ from typing import TypeVar
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label PyTorch's cross-entropy skips
 MAX_LINE_BYTES = 4 << 20  # one conversation: far more than max_seq_len tokens of text, even escaped
+GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what an adapter makes the model forget
 MAX_PROBLEMS = 5  # enough to fix a file in one go without flooding the tenant with a broken file's every line
 
 
@@ -238,7 +239,8 @@ def tokenize_all(tokenizer, conversations: list[list[dict]], max_seq_len: int,
         try:
             examples.append(tokenize_conversation(tokenizer, messages, max_seq_len))
         except TooLong as exc:
-            too_long.append((line, exc.length))
+            if not too_long or too_long[-1][0] != line:  # a DPO pair's two answers share a line: named once
+                too_long.append((line, exc.length))
         except DataError as exc:
             raise DataError(f"{role} line {line}: {exc}", [line]) from exc
     if too_long:

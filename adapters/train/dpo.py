@@ -15,7 +15,7 @@ Measured before and after on held-out pairs (the validation file, else the train
 preference accuracy (the share of pairs whose preferred answer the model gives more probability than the other)
 and the mean log-probability margin (preferred minus non-preferred; above zero: the model prefers it), and the
 reward margin (beta times that margin's change from the reference, DPO's implicit reward). And the general set's
-loss, as for supervised training: a rise is forgetting.
+loss of the base model and of the adapter, as for supervised training: a rise is forgetting.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from adapters.train.data import IGNORE, load_conversations, tokenize_all
-from adapters.train.job import GENERAL_SET, Cancelled, NoImprovement, TrainConfig, collate, evaluate
+from adapters.train.data import GENERAL_SET, IGNORE, load_conversations, tokenize_all
+from adapters.train.job import Cancelled, NoImprovement, TrainConfig, collate, evaluate
 from adapters.train.lora_model import LoraOptimizer, device_name, load_model, save_adapter, save_checkpoint
 from adapters.train.preferences import load_pairs, tokenize_pairs
 
@@ -62,10 +62,11 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
     held_out_reference = train_reference if held_out is train else answer_logprobs(
         model, held_out, config.batch_size, pad_id, should_stop)
     before = preference_metrics(held_out_reference, held_out_reference, config.beta)
-    before["general_loss"] = evaluate(model, general, config.batch_size, pad_id, should_stop)
+    with model.disable_adapter():  # forgetting is measured against the base model, as in supervised training
+        base_general = evaluate(model, general, config.batch_size, pad_id, should_stop)
     emit("eval", f"Before training: prefers the preferred answer on {before['preference_accuracy']:.0%} of the "
          f"{split} pairs (log-probability margin {before['logprob_margin']:+.3f})", stage="before", split=split,
-         **before)
+         general_loss=base_general, **before)
 
     # 3. Train: the same optimizer and schedule as supervised training, DPO's loss.
     total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
@@ -105,13 +106,12 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
     # 4. The adapter on the same pairs, and on the general set.
     after = preference_metrics(answer_logprobs(model, held_out, config.batch_size, pad_id, should_stop),
                                held_out_reference, config.beta)
-    after["general_loss"] = evaluate(model, general, config.batch_size, pad_id, should_stop)
-    forgetting = "; the general set's loss rose: some general ability is lost" if (
-        after["general_loss"] > before["general_loss"]) else ""
+    adapter_general = evaluate(model, general, config.batch_size, pad_id, should_stop)
+    forgetting = "; the general set's loss rose: some general ability is lost" if adapter_general > base_general else ""
     emit("eval", f"Adapter: prefers the preferred answer on {after['preference_accuracy']:.0%} of the {split} pairs "
          f"(before {before['preference_accuracy']:.0%}), log-probability margin {after['logprob_margin']:+.3f} "
          f"(before {before['logprob_margin']:+.3f}), reward margin {after['reward_margin']:+.3f}{forgetting}",
-         stage="after", split=split, **after)
+         stage="after", split=split, general_loss=adapter_general, **after)
     if config.require_improvement and not after["dpo_loss"] < before["dpo_loss"]:
         raise NoImprovement(f"The adapter's DPO loss on the {split} pairs is {after['dpo_loss']:.4f}, not lower than "
                             f"the reference model's {before['dpo_loss']:.4f}; nothing was saved. Try more pairs, "
@@ -123,9 +123,8 @@ def train_dpo(config: TrainConfig, emit: Callable, device: torch.device, should_
     save_adapter(model, config)
     result = {"method": "dpo", "beta": config.beta, "trained_tokens": trained_tokens, "steps": step,
               "train_loss": epoch_loss / len(train),
-              "preferences": {"split": split, "before": _without(before, "general_loss"),
-                              "after": _without(after, "general_loss")},
-              "general": {"reference_loss": before["general_loss"], "adapter_loss": after["general_loss"]},
+              "preferences": {"split": split, "before": before, "after": after},
+              "general": {"base_loss": base_general, "adapter_loss": adapter_general},
               "seconds": round(time.monotonic() - started, 2), "train_seconds": round(train_seconds, 3),
               "device": device.type, "device_name": device_name(device)}
     emit("done", f"Adapter saved after {step} steps in {result['seconds']:.0f} s", **result)
@@ -181,6 +180,3 @@ def preference_metrics(logps: torch.Tensor, reference: torch.Tensor, beta: float
             "logprob_margin": (logps[:, 0] - logps[:, 1]).mean().item(),
             "reward_margin": (rewards[:, 0] - rewards[:, 1]).mean().item(), "pairs": len(logps)}
 
-
-def _without(figures: dict, key: str) -> dict:
-    return {k: v for k, v in figures.items() if k != key}

@@ -30,10 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from adapters.train.data import IGNORE, DataError, load_conversations, tokenize_all
+from adapters.train.data import GENERAL_SET, IGNORE, DataError, load_conversations, tokenize_all
 from adapters.train.lora_model import LoraOptimizer, device_name, load_model, pick_device, save_adapter, save_checkpoint
-
-GENERAL_SET = Path(__file__).with_name("general.jsonl")  # plain facts: shows what the adapter makes the model forget
 
 
 class Cancelled(Exception):

@@ -11,15 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from adapters.train.data import (
-    BadLine,
-    DataError,
-    TooLong,
-    checked_messages,
-    json_object,
-    read_records,
-    tokenize_conversation,
-)
+from adapters.train.data import BadLine, Conversation, checked_messages, json_object, read_records, tokenize_all
 
 SHAPE = 'must be a JSON object with "input", "preferred_output" and "non_preferred_output"'
 
@@ -77,19 +69,8 @@ def _answer(record: dict, key: str) -> str:
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], max_seq_len: int, role: str = "training file") -> list[tuple]:
     """Each pair's `(preferred, non-preferred)` examples, each `(input_ids, labels)` with labels on the answer
-    only. Over-long pairs are refused by line number, never truncated, as chat examples are."""
-    examples, too_long = [], []
-    for pair in pairs:
-        try:
-            examples.append(tuple(tokenize_conversation(
-                tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}], max_seq_len)
-                for answer in (pair.preferred, pair.rejected)))
-        except TooLong as exc:
-            too_long.append((pair.line, exc.length))
-        except DataError as exc:
-            raise DataError(f"{role} line {pair.line}: {exc}", [pair.line]) from exc
-    if too_long:
-        shown = ", ".join(f"line {line} ({length} tokens)" for line, length in too_long[:5])
-        raise DataError(f"{role}: {len(too_long)} pair(s) are longer than max_seq_len ({max_seq_len} tokens): "
-                        f"{shown}; shorten them, or raise max_seq_len", [line for line, _ in too_long])
-    return examples
+    only; refused by line number as chat examples are (`tokenize_all`: over-long ones are never truncated)."""
+    conversations = [Conversation([*pair.prompt, {"role": "assistant", "content": answer}], pair.line)
+                     for pair in pairs for answer in (pair.preferred, pair.rejected)]
+    examples = tokenize_all(tokenizer, conversations, max_seq_len, role)
+    return list(zip(examples[::2], examples[1::2], strict=True))
