@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapters.registry import Registry
 from adapters.zero import ENGINE_NAME as ZERO_ENGINE_NAME
@@ -37,6 +37,7 @@ class Services:
     supervisor: ChildSupervisor | None = None  # the embedded engine
     worker: ChildSupervisor | None = None
     draining: bool = False
+    evaluating: set[str] = field(default_factory=set)  # tenants with an evaluation running (one at a time)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

@@ -73,8 +73,11 @@ def legacy_tables() -> MetaData:
     legacy.tables["files"].c.bytes.type = Integer()
     legacy.tables["fine_tuning_jobs"].c.worker_id.type = String(64)
     versions = legacy.tables["adapter_versions"]
-    for added_by_0003 in ("state", "fallback_version"):
-        versions._columns.remove(versions.c[added_by_0003])
+    for added_by_later in ("state", "fallback_version", "evaluation", "promotion_due"):  # 0003, 0006
+        versions._columns.remove(versions.c[added_by_later])
+    adapters = legacy.tables["adapters"]
+    for added_by_0006 in ("golden_set", "promotion", "max_forgetting"):
+        adapters._columns.remove(adapters.c[added_by_0006])
     jobs = legacy.tables["fine_tuning_jobs"]
     for added_by_later in ("metadata", "result_files", "checkpoints", "method"):  # 0004, 0005
         jobs._columns.remove(jobs.c[added_by_later])

@@ -16,14 +16,16 @@ from starlette.responses import JSONResponse
 from server.api.access_log import AccessLog
 from server.api.body_limit import BodySizeLimit
 from server.api.early_auth import AuthBeforeBody
-from server.api.routes import admin, files, fine_tuning, health, openai
+from server.api.routes import adapters, admin, files, fine_tuning, health, openai
 from server.api.unhandled import UnhandledErrors
 from server.config import Settings
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
+from server.publishing import promotion
 from server.services import Services
 from server.wire.openai import ErrorResponse
 
 log = logging.getLogger("loraserve.app")
+PROMOTION_POLL_SECONDS = 2.0  # how soon a job's version waiting for its evaluation is taken up
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -37,12 +39,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.state.services = svc
         for child in svc.children():
             child.start()
-        watch = asyncio.create_task(svc.pool.watch(settings.engine_health_interval))
+        watchers = [asyncio.create_task(svc.pool.watch(settings.engine_health_interval)),
+                    asyncio.create_task(promotion.watch_promotions(svc, PROMOTION_POLL_SECONDS))]
         try:
             yield
         finally:
             svc.draining = True
-            watch.cancel()
+            for watch in watchers:
+                watch.cancel()
             for child in svc.children():
                 await child.stop()
             await svc.pool.aclose()
@@ -50,7 +54,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     # Document the one error shape on every API route (clients and schema fuzzers read it).
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
-    for router in (openai.router, files.router, fine_tuning.router, admin.router):
+    for router in (openai.router, files.router, fine_tuning.router, adapters.router, admin.router):
         app.include_router(router, responses=errors)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)

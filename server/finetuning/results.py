@@ -46,7 +46,8 @@ def _figure(value) -> str:
     return f"{value:.6g}" if isinstance(value, int | float) else ""
 
 
-def save_result_file(settings: Settings, jobs: JobStore, tenant_id: str, content: bytes) -> StoredFile:
+def save_result_file(settings: Settings, jobs: JobStore, tenant_id: str, content: bytes,
+                     filename: str = RESULTS_FILENAME) -> StoredFile:
     """Store `content` as one of the tenant's files (purpose `fine-tune-results`), atomically."""
     file_id = new_id("file")
     target = file_path(settings, tenant_id, file_id)
@@ -58,7 +59,7 @@ def save_result_file(settings: Settings, jobs: JobStore, tenant_id: str, content
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, target)
-        return jobs.add_file(file_id, tenant_id, RESULTS_FILENAME, RESULTS_PURPOSE, len(content))
+        return jobs.add_file(file_id, tenant_id, filename, RESULTS_PURPOSE, len(content))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         target.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ DEFAULT_DPO_BETA = 0.1  # OpenAI's `auto`, and the DPO paper's usual value
 METHODS = {"supervised": Hyperparameters, "dpo": DpoHyperparameters}  # the fine-tuning methods run here
 _CHUNK = 1 << 20
 JOB_RETRY_AFTER = 60  # seconds: a short fine-tuning job's length
+UPLOAD_PURPOSES = ("fine-tune", "evals")
 KEPT_CHECKPOINTS = 3  # as OpenAI: the final epoch and the two before it
 log = logging.getLogger("loraserve.training")
 
@@ -51,10 +52,11 @@ def file_path(settings: Settings, tenant_id: str, file_id: str) -> Path:
 
 
 def store_file(settings: Settings, jobs: JobStore, tenant: Tenant, upload: UploadFile, purpose: str):
-    """Save an uploaded training file (written whole, then renamed into place) and record it, within the
-    tenant's quotas: files (409), their bytes and the size of one file (413)."""
-    if purpose != "fine-tune":
-        raise BadRequest("Only purpose 'fine-tune' is supported.", param="purpose")
+    """Save an uploaded training file or golden set (written whole, then renamed into place) and record it,
+    within the tenant's quotas: files (409), their bytes and the size of one file (413)."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise BadRequest("Only purposes 'fine-tune' (training data) and 'evals' (a golden set) are supported.",
+                         param="purpose")
     count, used = jobs.file_usage(tenant.id)
     if settings.tenant_max_files is not None and count >= settings.tenant_max_files:
         raise _over_quota(OverQuota("files", settings.tenant_max_files))

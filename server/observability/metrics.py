@@ -145,6 +145,10 @@ class _StateCollector(Collector):
         yield _gauge("loraserve_registry_versions", "Adapter versions in the registry.", ["tenant"], s["versions"])
         yield _gauge("loraserve_registry_bytes", "Bytes of adapter weights in the registry.", ["tenant"], s["bytes"])
         yield _gauge("loraserve_fine_tuning_jobs", "Fine-tuning jobs by status.", ["status"], s["jobs"])
+        yield _gauge("loraserve_adapter_evaluation", "An adapter version's evaluation (its active version and "
+                     "newest evaluated one): loss, exact_match or similarity of `model` (adapter, replaces, base, "
+                     "few_shot) on the golden or general `set`.",
+                     ["tenant", "adapter", "version", "set", "model", "metric"], s["evaluations"])
         tokens = CounterMetricFamily("loraserve_training_tokens", "Tokens trained on by succeeded jobs.")
         tokens.add_metric([], s["training_tokens"])
         yield tokens
@@ -157,5 +161,5 @@ class _StateCollector(Collector):
 def _gauge(name: str, doc: str, labels: list[str], values: dict) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, doc, labels=labels)
     for key, value in values.items():
-        gauge.add_metric([key], value)
+        gauge.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     return gauge

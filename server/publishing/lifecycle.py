@@ -3,6 +3,8 @@ activate (roll back or forward), delete. Each step keeps the three consistent fo
 
 - a new version is loaded on an engine *before* it becomes active, so the first request after the
   upload's response is not a cold start, and an adapter the engine cannot load is never activated;
+  where the adapter has a golden set, the version is evaluated there first and its promotion policy decides
+  whether it becomes active (`promotion`);
   where no engine could try it, it is active `unverified` and its first load decides (`engine_verdict`;
   the rule is in `adapters.registry`);
 - the version it replaces is retired: unloaded once the requests running on it have finished;
@@ -26,6 +28,7 @@ from adapters.registry import PublishedVersion
 from server.engine.client import AdapterLoadFailed
 from server.errors import EngineUnavailable, Unprocessable
 from server.finetuning.training import files_dir
+from server.publishing import promotion
 from server.storage.store import Store
 
 if TYPE_CHECKING:  # the composition root, above this package: only its type
@@ -49,13 +52,9 @@ async def publish(services: Services, source: Path, tenant: str, name: str, orig
             raise Unprocessable(
                 "The inference engine could not load this adapter; it was not published.", code="invalid_adapter"
             ) from exc
-    # Only if no newer version is active already: concurrent uploads end with the newest active.
-    activated, previous = await run_in_threadpool(
-        services.store.activate_if_newer, tenant, name, published.version)
-    if activated and previous is not None:
-        services.pool.retire([engine_name(tenant, name, previous)])
-    elif not activated:
-        services.pool.retire([model])
+    # Where the adapter has a golden set the version is evaluated first, and its promotion policy decides.
+    report = await promotion.evaluate(services, tenant, name, published.version)
+    await promotion.promote(services, tenant, name, published.version, report, origin)
     return published
 
 

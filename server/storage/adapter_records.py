@@ -7,7 +7,7 @@ detached views (`AdapterView`), never ORM rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from server.errors import Missing
 from server.errors import StateConflict as Conflict
 from server.storage.connection import ROW_LOCK, has_nul
-from server.storage.db import Adapter, AdapterVersion, Tenant, VersionSequence
+from server.storage.db import Adapter, AdapterVersion, Tenant, VersionSequence, utcnow
 from server.storage.paging import keyset_page
 
 
@@ -37,6 +37,8 @@ class VersionView:
     source: str
     created_at: datetime
     state: str = "verified"  # or `unverified` (no engine has loaded it yet) or `refused` (an engine would not)
+    evaluation: dict | None = None  # its latest report on the adapter's golden set
+    awaiting_evaluation: bool = False  # whether it becomes active is decided once it is evaluated
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class AdapterView:
     versions: tuple[int, ...]
     created_at: datetime
     version_details: tuple[VersionView, ...] = ()
+    golden_set: str | None = None  # the file id of the set its versions are evaluated on
+    promotion: str = "always"  # when a new version becomes active (`server.publishing.promotion`)
+    max_forgetting: float | None = None
 
 
 class AdapterRecords:
@@ -100,10 +105,14 @@ class AdapterRecords:
                         adapter = Adapter(tenant_id=tenant_id, name=name)
                         s.add(adapter)
                         s.flush()
+                    # With a golden set, its evaluation decides whether it becomes active (a gateway takes it up).
+                    awaits = activate and adapter.golden_set is not None
                     s.add(AdapterVersion(adapter_id=adapter.id, version=version, rank=rank,
-                                         size_bytes=size_bytes, source=source, state="unverified"))
+                                         size_bytes=size_bytes, source=source, state="unverified",
+                                         promotion_due=utcnow() if awaits else None))
                     s.flush()
                     self._check_quota(s, tenant_id, max_adapters, max_bytes)
+                activate = activate and not awaits
                 break
             except IntegrityError:  # a concurrent first publish created the adapter row; a retry finds it
                 if attempt == 2:
@@ -202,6 +211,46 @@ class AdapterRecords:
                 row.fallback_version = previous
             return previous
 
+    def update_adapter(self, tenant_id: str, name: str, **fields) -> None:
+        """Set the adapter's `golden_set`, `promotion` and `max_forgetting` (those given)."""
+        assert set(fields) <= {"golden_set", "promotion", "max_forgetting"}, fields
+        with self.session() as s:
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)
+            for field, value in fields.items():
+                setattr(adapter, field, value)
+
+    def claim_due_promotion(self, lease: float) -> tuple[str, str, int, str] | None:
+        """A version whose promotion waits for its evaluation, taken for `lease` seconds (by then it is done, or its
+        gateway died and another takes it): (tenant, name, version, source), or None. Taken by a conditional
+        UPDATE: two gateways never take the same one."""
+        now = utcnow()
+        with self.session() as s:
+            due = s.execute(select(AdapterVersion.id, AdapterVersion.promotion_due, Adapter.tenant_id, Adapter.name,
+                                   AdapterVersion.version, AdapterVersion.source).join(Adapter)
+                            .where(AdapterVersion.promotion_due <= now).order_by(AdapterVersion.promotion_due)
+                            .limit(1)).first()
+            if due is None:
+                return None
+            taken = s.execute(update(AdapterVersion).where(AdapterVersion.id == due.id,
+                                                           AdapterVersion.promotion_due == due.promotion_due)
+                              .values(promotion_due=now + timedelta(seconds=lease)))
+            return (due.tenant_id, due.name, due.version, due.source) if taken.rowcount == 1 else None
+
+    def promotion_decided(self, tenant_id: str, name: str, version: int) -> None:
+        with self.session() as s:
+            s.execute(update(AdapterVersion).where(
+                AdapterVersion.adapter_id == self._adapter_id(tenant_id, name), AdapterVersion.version == version,
+            ).values(promotion_due=None))
+
+    def save_evaluation(self, tenant_id: str, name: str, version: int, report: dict) -> None:
+        """Store `version`'s evaluation report, replacing an earlier one; Missing if the version is gone."""
+        with self.session() as s:
+            done = s.execute(update(AdapterVersion).where(
+                AdapterVersion.adapter_id == self._adapter_id(tenant_id, name), AdapterVersion.version == version,
+            ).values(evaluation=report))
+            if done.rowcount != 1:
+                raise Missing(f"adapter '{name}' has no version {version}")
+
     def delete_version(self, tenant_id: str, name: str, version: int) -> None:
         with self.session() as s:
             adapter = self._existing_adapter(s, tenant_id, name, lock=True)
@@ -255,9 +304,10 @@ def _fallback(adapter: Adapter, refused: int) -> int | None:
 
 
 def _view(adapter: Adapter) -> AdapterView:
-    details = tuple(VersionView(v.version, v.rank, v.size_bytes, v.source, v.created_at, v.state)
-                    for v in adapter.versions)
+    details = tuple(VersionView(v.version, v.rank, v.size_bytes, v.source, v.created_at, v.state, v.evaluation,
+                                v.promotion_due is not None) for v in adapter.versions)
     return AdapterView(
         tenant_id=adapter.tenant_id, name=adapter.name, active_version=adapter.active_version,
         versions=tuple(v.version for v in details), created_at=adapter.created_at, version_details=details,
+        golden_set=adapter.golden_set, promotion=adapter.promotion, max_forgetting=adapter.max_forgetting,
     )

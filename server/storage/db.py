@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -47,6 +47,12 @@ class Adapter(Base):
     name: Mapped[str] = mapped_column(String(63))
     active_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The tenant's file its versions are evaluated on (`server.evaluation`); None: no golden set.
+    golden_set: Mapped[str | None] = mapped_column(String(64))
+    # When a new version becomes active (`server.publishing.promotion`): `always`, `if_better` (than the version it
+    # replaces, on the golden set), `if_better_and_retains` (and the general set's loss rises at most max_forgetting).
+    promotion: Mapped[str] = mapped_column(String(32), default="always", server_default="always")
+    max_forgetting: Mapped[float | None] = mapped_column(Float)
     versions: Mapped[list[AdapterVersion]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", order_by="AdapterVersion.version"
     )
@@ -67,6 +73,11 @@ class AdapterVersion(Base):
     state: Mapped[str] = mapped_column(String(16), default="unverified", server_default="verified")
     # The version that was active when this one was made active unverified: where a refusal falls back to.
     fallback_version: Mapped[int | None] = mapped_column(Integer)
+    # Its latest evaluation report on the adapter's golden set (`server.evaluation.runs`); None: not evaluated.
+    evaluation: Mapped[dict | None] = mapped_column(JSON)
+    # Set when the version waits for its evaluation to decide whether it becomes active (a job's or the CLI's
+    # version of an adapter with a golden set): the time a gateway may take it up (again, if one took it and died).
+    promotion_due: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
 

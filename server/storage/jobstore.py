@@ -246,7 +246,8 @@ class JobStore:
             return "cancel" if asked else "ok"
 
     def finish_published(self, job_id: str, holder: str, version: int, *, event: str, **fields) -> str:
-        """Record a published job in one transaction: the job `succeeded` and its adapter version active.
+        """Record a published job in one transaction: the job `succeeded` and its adapter version active (or, where
+        the adapter has a golden set, waiting for its evaluation).
         Returns `succeeded`; else `cancelled` (a cancel was asked for meanwhile: the job is cancelled) or
         `gone` (the job is no longer this worker's, or its adapter was deleted meanwhile: then it is failed),
         and the version stays inactive for the caller to withdraw."""
@@ -258,21 +259,25 @@ class JobStore:
                 now = utcnow()
                 if self._move(s, job_id, ("running",), holder, cancel_requested=False, status="succeeded",
                               finished_at=now, **fields):
-                    adapter_id = s.scalar(select(Adapter.id).where(Adapter.tenant_id == job.tenant_id,
-                                                                   Adapter.name == job.suffix))
-                    if adapter_id is None:
+                    adapter = s.execute(select(Adapter.id, Adapter.golden_set).where(
+                        Adapter.tenant_id == job.tenant_id, Adapter.name == job.suffix)).first()
+                    if adapter is None:
                         raise _AdapterGone  # rolls the success back
+                    this = (AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == version)
+                    s.add(JobEvent(job_id=job_id, message=storable(event)[:2000]))
+                    if adapter.golden_set is not None:  # its evaluation decides (`server.publishing.promotion`)
+                        s.execute(update(AdapterVersion).where(*this).values(promotion_due=now))
+                        s.add(JobEvent(job_id=job_id, message=f"Version {version} is evaluated on the adapter's "
+                                       "golden set before it serves; its promotion policy decides."))
+                        return "succeeded"
                     # As `Store.activate_if_newer`: the version falls back to the one active before it if an
                     # engine refuses it, and a newer version published meanwhile stays active.
-                    active = select(Adapter.active_version).where(Adapter.id == adapter_id).scalar_subquery()
-                    s.execute(update(AdapterVersion).where(AdapterVersion.adapter_id == adapter_id,
-                                                           AdapterVersion.version == version)
-                              .values(fallback_version=active))
+                    active = select(Adapter.active_version).where(Adapter.id == adapter.id).scalar_subquery()
+                    s.execute(update(AdapterVersion).where(*this).values(fallback_version=active))
                     s.execute(update(Adapter).where(
-                        Adapter.id == adapter_id,
+                        Adapter.id == adapter.id,
                         or_(Adapter.active_version.is_(None), Adapter.active_version < version),
                     ).values(active_version=version))
-                    s.add(JobEvent(job_id=job_id, message=storable(event)[:2000]))
                     return "succeeded"
                 if self._move(s, job_id, ("running",), holder, cancel_requested=True, status="cancelled",
                               finished_at=now):
@@ -308,6 +313,17 @@ class JobStore:
                               error={"code": "worker_lost", "message": message, "param": None}):
                 return False
             s.add(JobEvent(job_id=job_id, level="error", message=message))
+            return True
+
+    def add_evaluation(self, job_id: str, report: dict, file_id: str | None) -> bool:
+        """Show the evaluation of the job's version in the job: `result.evaluation`, and its CSV among the result
+        files. False when the job no longer exists."""
+        with self._session() as s:
+            job = s.get(Job, job_id, with_for_update=ROW_LOCK)
+            if job is None:
+                return False
+            job.result = {**(job.result or {}), "evaluation": report}
+            job.result_files = [*(job.result_files or []), *([file_id] if file_id else [])]
             return True
 
     # Events

@@ -8,6 +8,7 @@ internals, and the engine trusts what it is given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -274,6 +275,8 @@ class VersionOut(BaseModel):
     source: str
     created_at: datetime
     manifest: dict | None = None
+    evaluation: dict | None = Field(None, description="Its latest report on the adapter's golden set.")
+    awaiting_evaluation: bool = Field(False, description="Whether it becomes active waits for its evaluation.")
 
 
 class AdapterOut(BaseModel):
@@ -281,7 +284,41 @@ class AdapterOut(BaseModel):
     name: str
     model: str = Field(description="The `model` a tenant calls it by.")
     active_version: int | None
+    golden_set: str | None = Field(None, description="The file its versions are evaluated on.")
+    promotion: str = Field("always", description="When a new version becomes active.")
+    max_forgetting: float | None = None
     versions: list[VersionOut]
+
+    @classmethod
+    def of(cls, adapter, manifest: Callable[[int], dict | None] | None = None) -> AdapterOut:
+        """From a store `AdapterView`; `manifest(version)` adds each version's registry manifest."""
+        versions = [
+            VersionOut(version=v.version, active=v.version == adapter.active_version, rank=v.rank,
+                       size_bytes=v.size_bytes, source=v.source, created_at=v.created_at, evaluation=v.evaluation,
+                       awaiting_evaluation=v.awaiting_evaluation, manifest=manifest(v.version) if manifest else None)
+            for v in adapter.version_details
+        ]
+        return cls(tenant=adapter.tenant_id, name=adapter.name, model=adapter.name,
+                   active_version=adapter.active_version, golden_set=adapter.golden_set,
+                   promotion=adapter.promotion, max_forgetting=adapter.max_forgetting, versions=versions)
+
+
+class AdapterUpdate(BaseModel):
+    """The adapter's evaluation settings; only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+    golden_set: str | None = Field(None, max_length=64,
+                                   description="A file of purpose `evals` or `fine-tune` (chat JSONL, each line ending "
+                                               "in the reference answer); null detaches it.")
+    promotion: Literal["always", "if_better", "if_better_and_retains"] = Field(
+        "always", description="When a new version becomes active: always, only if it beats the version it would "
+                              "replace on the golden set, or that and it forgets at most `max_forgetting`.")
+    max_forgetting: float | None = Field(
+        None, ge=0, le=10, description="Under `if_better_and_retains`, how far (a fraction) the general set's loss may "
+                                       "rise above the base model's; null: 0.05.")
+
+    def changes(self) -> dict:
+        return {field: getattr(self, field) for field in self.model_fields_set}
 
 
 class ActivateRequest(BaseModel):

@@ -5,30 +5,34 @@ Every action is written to the audit log with the acting key's id, whether it su
 
 from __future__ import annotations
 
+import functools
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from adapters.names import check_name
 from server.api.deps import AdminDep, ServicesDep
 from server.api.paging import AdminLimit, After
+from server.api.routes.adapters import ReportFormat, report_response
 from server.errors import as_api_error
+from server.evaluation import runs
 from server.publishing import lifecycle
 from server.publishing.uploads import quota_error, staged_upload
 from server.services import Services
-from server.storage.store import AdapterView, KeyIdentity, Missing, OverQuota
+from server.storage.store import KeyIdentity, Missing, OverQuota
 from server.wire.openai import (
     ActivateRequest,
     AdapterOut,
+    AdapterUpdate,
     AuditOut,
     KeyOut,
     TenantCreate,
     TenantLimits,
     TenantOut,
     TenantUpdate,
-    VersionOut,
 )
 from server.wire.pages import Page
 
@@ -127,18 +131,8 @@ def _adapter_out(services: Services, tenant: str, name: str, with_manifests: boo
     adapter = services.store.get_adapter(tenant, name)
     if adapter is None:
         raise Missing(f"adapter '{name}' does not exist")
-    return _describe(services, adapter, with_manifests)
-
-
-def _describe(services: Services, adapter: AdapterView, with_manifests: bool = False) -> AdapterOut:
-    tenant, name = adapter.tenant_id, adapter.name
-    versions = [
-        VersionOut(version=v.version, active=v.version == adapter.active_version, rank=v.rank,
-                   size_bytes=v.size_bytes, source=v.source, created_at=v.created_at,
-                   manifest=services.registry.manifest(tenant, name, v.version) if with_manifests else None)
-        for v in adapter.version_details
-    ]
-    return AdapterOut(tenant=tenant, name=name, model=name, active_version=adapter.active_version, versions=versions)
+    manifest = functools.partial(services.registry.manifest, tenant, name) if with_manifests else None
+    return AdapterOut.of(adapter, manifest)
 
 
 @router.post("/tenants/{tenant}/adapters", status_code=201)
@@ -175,7 +169,7 @@ def list_adapters(tenant: str, _: AdminDep, services: ServicesDep, limit: AdminL
                   after: After = None) -> Page[AdapterOut]:
     services.store.require_tenant(check_name(tenant, "tenant"))
     adapters, more = services.store.adapter_page(tenant, limit, after)
-    return Page.of([_describe(services, a) for a in adapters], more, id_of=lambda adapter: adapter.name)
+    return Page.of([AdapterOut.of(a) for a in adapters], more, id_of=lambda adapter: adapter.name)
 
 
 @router.get("/tenants/{tenant}/adapters/{name}")
@@ -202,6 +196,30 @@ async def delete_adapter(tenant: str, name: str, admin: AdminDep, services: Serv
 async def delete_version(tenant: str, name: str, version: int, admin: AdminDep, services: ServicesDep) -> None:
     async with audited(services, admin, "adapter.delete_version", f"{tenant}/{name}@{version}"):
         await lifecycle.delete_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"), version)
+
+
+@router.patch("/tenants/{tenant}/adapters/{name}")
+async def update_adapter(tenant: str, name: str, body: AdapterUpdate, admin: AdminDep,
+                         services: ServicesDep) -> AdapterOut:
+    """The golden set (one of the tenant's files) its versions are evaluated on, and its promotion policy."""
+    async with audited(services, admin, "adapter.update", f"{tenant}/{name}"):
+        await runs.configure(services, check_name(tenant, "tenant"), check_name(name, "adapter"), body.changes())
+    return await run_in_threadpool(_adapter_out, services, tenant, name)
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/evaluate")
+async def evaluate_version(tenant: str, name: str, version: int, admin: AdminDep, services: ServicesDep) -> dict:
+    """Evaluate the version on the adapter's golden set now; the report is stored with it."""
+    async with audited(services, admin, "adapter.evaluate", f"{tenant}/{name}@{version}"):
+        return await runs.evaluate_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"),
+                                           version)
+
+
+@router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/evaluation", response_model=None)
+def version_evaluation(tenant: str, name: str, version: int, _: AdminDep, services: ServicesDep,
+                       format: ReportFormat = "json") -> dict | Response:
+    report = runs.stored_report(services, check_name(tenant, "tenant"), check_name(name, "adapter"), version)
+    return report_response(report, format)
 
 
 # Audit
