@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.train.data import DataError
 from adapters.zero import ensure_zero_adapter
 from server.evaluation.evaluator import few_shot_prompts
-from server.evaluation.golden_set import Example, load_golden_set
+from server.evaluation.golden_set import Example, first_examples, load_golden_set
 from server.evaluation.scoring import ExampleScore, aggregate, exact_match, token_f1
 from tests.conftest import ADMIN_KEY, make_peft_adapter
 from tests.test_admin import new_tenant, upload_files
@@ -88,6 +88,26 @@ def base_answers_golden_set(gateway, client) -> str:
     return client.files.create(file=("golden.jsonl", jsonl(references)), purpose="evals").id
 
 
+def test_few_shot_prompts_can_show_the_training_datas_examples_instead():
+    examples = [Example([{"role": "user", "content": f"q{i}"}], f"a{i}", i) for i in range(4)]
+    shots = [Example([{"role": "user", "content": f"t{i}"}], f"s{i}", i) for i in range(5)]
+    for example, prompt in zip(examples, few_shot_prompts(examples, shots), strict=True):
+        assert [m["content"] for m in prompt] == ["t0", "s0", "t1", "s1", "t2", "s2", example.prompt[0]["content"]]
+
+
+def test_the_first_examples_of_a_training_file_are_read_from_chat_lines_or_preference_pairs(tmp_path):
+    """The few-shot baseline's solved examples: a job's chat file (lines of another shape passed over) or DPO file."""
+    chat_file, pairs_file = tmp_path / "chat.jsonl", tmp_path / "pairs.jsonl"
+    chat_file.write_bytes(jsonl([chat("Hi?", "Hello."), {"bad": 1}, chat("Bye?", "Bye."), chat("More?", "No.")]))
+    pairs_file.write_bytes(jsonl([{"input": {"messages": [{"role": "user", "content": "Bees?"}]},
+                                   "preferred_output": [{"role": "assistant", "content": "Honey, arr!"}],
+                                   "non_preferred_output": [{"role": "assistant", "content": "Honey."}]}]))
+    assert [(e.answer, e.line) for e in first_examples(chat_file, 2, preferences=False)] == [("Hello.", 1),
+                                                                                            ("Bye.", 3)]
+    [pair] = first_examples(pairs_file, 3, preferences=True)
+    assert pair.prompt == [{"role": "user", "content": "Bees?"}] and pair.answer == "Honey, arr!"
+
+
 @pytest.fixture(scope="module")
 def graded(gateway, tmp_path_factory, base_model_path):
     """Tenant `grader` with adapter `graded`: version 1 a random adapter, then a golden set of the base model's own
@@ -123,6 +143,7 @@ def test_an_uploaded_version_is_evaluated_against_the_base_few_shot_and_the_vers
     assert list(golden) == ["adapter", "replaces", "base", "few_shot"] and list(general) == ["adapter", "replaces",
                                                                                              "base"]
     assert golden["replaces"]["version"] == 1 and golden["few_shot"]["shots"] == 3
+    assert golden["few_shot"]["from"] == "golden_set"  # an upload: no training data to draw examples from
     assert golden["base"]["exact_match"] == 1.0 and golden["adapter"]["exact_match"] == 1.0
     assert golden["adapter"]["loss"] == pytest.approx(golden["base"]["loss"], rel=1e-3, abs=1e-3)
     assert general["adapter"]["loss"] == pytest.approx(general["base"]["loss"], rel=1e-3, abs=1e-3)

@@ -138,6 +138,7 @@ def test_a_jobs_version_is_evaluated_before_it_serves_and_the_job_says_what_was_
     decided = wait_decided(gateway, "gated", version)
     verdict = decided["evaluation"]["promotion"]
     assert decided["active"] is verdict["promoted"]
+    assert decided["evaluation"]["golden"]["few_shot"]["from"] == "training_file"  # the job's own data
     if not verdict["promoted"]:
         assert gateway.admin("GET", "/tenants/gatekeeper/adapters/gated").json()["active_version"] == active_before
     shown = client.fine_tuning.jobs.retrieve(job.id)

@@ -28,16 +28,16 @@ class Pair(NamedTuple):
 def load_pairs(path: Path, *, role: str = "training file", max_examples: int = 50_000,
                max_bytes: int | None = None) -> list[Pair]:
     """The file's pairs; DataError naming up to five bad lines, or saying that the file is empty or too big."""
-    return list(read_records(path, _pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
+    return list(read_records(path, parse_pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
 
 
 def count_pairs(path: Path, *, role: str = "training file", max_examples: int = 50_000,
                 max_bytes: int | None = None) -> int:
     """Check the file as `load_pairs` does, one line in memory at a time; the number of pairs."""
-    return sum(1 for _ in read_records(path, _pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
+    return sum(1 for _ in read_records(path, parse_pair, role=role, max_examples=max_examples, max_bytes=max_bytes))
 
 
-def _pair(line: bytes, number: int) -> Pair:
+def parse_pair(line: bytes, number: int) -> Pair:
     record = json_object(line, SHAPE)
     if "messages" in record and "input" not in record:
         raise BadLine(f'a chat line for supervised training ("messages"); each line of a DPO file '

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from adapters.train.data import IGNORE, DataError, tokenize_conversation
+from server.errors import EngineUnavailable
 from server.evaluation.golden_set import Example
 from server.evaluation.scoring import ExampleScore, SetScore, aggregate
 
@@ -26,17 +27,19 @@ MAX_NEW_TOKENS = 256
 EngineCall = Callable[[str, str | None, str, dict], Awaitable[dict]]
 
 
-class EvaluationFailed(Exception):
-    """The engine did not answer an evaluation request as expected; the message says which and why."""
+class EvaluationFailed(EngineUnavailable):
+    """The engine did not answer an evaluation request as expected (a 503); the message says which and why."""
 
 
-def few_shot_prompts(examples: list[Example]) -> list[list[dict]]:
-    """Each example's prompt after FEW_SHOT others of the set as solved turns: the "prompt engineering instead of
-    an adapter?" baseline. Leave-one-out: an example never sees its own answer."""
+def few_shot_prompts(examples: list[Example], shots: list[Example] | None = None) -> list[list[dict]]:
+    """Each example's prompt after FEW_SHOT solved examples: the "prompt engineering instead of an adapter?"
+    baseline. The solved examples are `shots` (the training data's first ones) where given; else other examples of
+    the set itself, leave-one-out: an example never sees its own answer."""
     prompts = []
     for i, example in enumerate(examples):
-        shots = [examples[(i + k) % len(examples)] for k in range(1, min(FEW_SHOT, len(examples) - 1) + 1)]
-        turns = [m for shot in shots for m in (*shot.prompt[-1:], {"role": "assistant", "content": shot.answer})]
+        shown = shots[:FEW_SHOT] if shots else [examples[(i + k) % len(examples)]
+                                                for k in range(1, min(FEW_SHOT, len(examples) - 1) + 1)]
+        turns = [m for shot in shown for m in (*shot.prompt[-1:], {"role": "assistant", "content": shot.answer})]
         system = [m for m in example.prompt[:1] if m["role"] == "system"]
         prompts.append([*system, *turns, *example.prompt[len(system):]])
     return prompts
@@ -73,23 +76,45 @@ def render(tokenizer, examples: list[Example], prompts: list[list[dict]] | None 
 
 async def score_set(call: EngineCall, model: str, adapter_path: str | None, rendered: list[Rendered],
                     references: list[str], max_len: int = 2048) -> SetScore:
-    """`model` (an adapter version, or the base with `adapter_path` None) on every rendered example."""
-    gate = asyncio.Semaphore(CONCURRENCY)
+    """`model` (an adapter version, or the base with `adapter_path` None) on every rendered example. `call` bounds
+    how many requests are in the engine at once (`gated`)."""
 
     async def one(example: Rendered) -> ExampleScore:
-        async with gate:
-            echoed = await call(model, adapter_path, "/v1/completions", {
-                "prompt": example.ids, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0})
-            generated = await call(model, adapter_path, "/v1/completions", {
-                "prompt": example.ids[:example.start], "temperature": 0,
-                "max_tokens": min(MAX_NEW_TOKENS, 2 * len(example.answer) + 16, max_len - example.start)})
+        echoed = await call(model, adapter_path, "/v1/completions", {
+            "prompt": example.ids, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0})
+        generated = await call(model, adapter_path, "/v1/completions", {
+            "prompt": example.ids[:example.start], "temperature": 0,
+            "max_tokens": min(MAX_NEW_TOKENS, 2 * len(example.answer) + 16, max_len - example.start)})
         try:
             logprobs = echoed["choices"][0]["logprobs"]["token_logprobs"]
             nll = -sum(logprobs[i] for i in example.answer)
             text = generated["choices"][0]["text"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise EvaluationFailed(f"the engine's answer for line {example.line} has no logprobs or text") from exc
+            raise EvaluationFailed(f"The inference engine's answer for golden set line {example.line} has no "
+                                   "logprobs or text; nothing was stored.") from exc
         return ExampleScore(nll=nll, tokens=len(example.answer), generated=text)
 
-    scores = await asyncio.gather(*(one(r) for r in rendered))
-    return aggregate(list(scores), references)
+    return aggregate(await all_or_none(one(r) for r in rendered), references)
+
+
+def gated(call: EngineCall, limit: int = CONCURRENCY) -> EngineCall:
+    """`call` with at most `limit` requests in flight, however many models and examples an evaluation runs at once."""
+    gate = asyncio.Semaphore(limit)
+
+    async def limited(*args):
+        async with gate:
+            return await call(*args)
+
+    return limited
+
+
+async def all_or_none(coroutines) -> list:
+    """Their results, in order; when one fails, the others are cancelled (no request left running) and it raises."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

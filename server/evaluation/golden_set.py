@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.train.data import BadLine, checked_messages, json_object, read_records
+from adapters.train.preferences import parse_pair
 
 MAX_EXAMPLES = 200  # every example costs the engine a few requests per model compared: an evaluation stays minutes
 MAX_BYTES = 16 << 20
@@ -25,6 +26,23 @@ class Example:
 def load_golden_set(path: Path, *, role: str = "golden set") -> list[Example]:
     """The set's examples; DataError naming the bad lines (an answerless line, bad JSON, too many examples)."""
     return list(read_records(path, _example, role=role, max_examples=MAX_EXAMPLES, max_bytes=MAX_BYTES))
+
+
+def first_examples(path: Path, count: int, *, preferences: bool) -> list[Example]:
+    """The first `count` examples of a training file (chat lines ending with an answer, or DPO pairs with their
+    preferred answer): the few-shot baseline's solved examples. Lines of another shape are passed over."""
+    found = []
+    parse = parse_pair if preferences else _example
+    with Path(path).open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            if len(found) == count:
+                break
+            try:
+                record = parse(line, number)
+            except BadLine:
+                continue
+            found.append(Example(record.prompt, record.preferred, number) if preferences else record)
+    return found
 
 
 def _example(line: bytes, number: int) -> Example:

@@ -9,7 +9,6 @@ stored with the version.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import functools
 import io
@@ -26,7 +25,7 @@ from server.config import Settings
 from server.engine.chat_template import chat_template_for
 from server.errors import BadRequest, Conflict, EngineUnavailable, Missing
 from server.evaluation import evaluator
-from server.evaluation.golden_set import Example, load_golden_set
+from server.evaluation.golden_set import Example, first_examples, load_golden_set
 from server.finetuning.training import file_path
 
 if TYPE_CHECKING:  # the composition root, above this package: only its type
@@ -34,6 +33,7 @@ if TYPE_CHECKING:  # the composition root, above this package: only its type
 
 log = logging.getLogger("loraserve.evaluation")
 PURPOSES = ("evals", "fine-tune")  # the file purposes a golden set may have
+JOB_PREFIX = "ftjob-"  # a version's `source` when a fine-tuning job made it
 CSV_COLUMNS = ("set", "model", "version", "examples", "answer_tokens", "loss", "perplexity", "exact_match",
                "similarity", "error")
 
@@ -106,7 +106,7 @@ async def _load(services: Services, tenant: str, file_id: str, param: str | None
     row = await run_in_threadpool(services.jobs.get_file, tenant, file_id)  # 404 for another tenant's file
     if row.purpose not in PURPOSES:
         raise BadRequest(f"File '{file_id}' has purpose '{row.purpose}'; a golden set is a file uploaded with "
-                         f"purpose 'evals' or 'fine-tune'.", param="file_id")
+                         f"purpose 'evals' or 'fine-tune'.", param=param)
     path = file_path(services.settings, tenant, row.id)
     try:
         return await run_in_threadpool(_checked_set, services, path)
@@ -149,12 +149,14 @@ async def _evaluate(services: Services, tenant: str, name: str, version: int, re
         return run_in_threadpool(evaluator.render, tokenizer, chosen, prompts, max_len)
 
     golden, general_rendered = await prepared(examples), await prepared(general)
+    shots = await run_in_threadpool(_training_examples, services, tenant, name, version)
+    shown = min(evaluator.FEW_SHOT, len(shots) if shots else len(examples) - 1)
     try:
-        few_shot = await prepared(examples, evaluator.few_shot_prompts(examples)) if len(examples) > 1 else None
-        few_shot_error = None if few_shot else "the golden set has a single example: no other to show"
+        few_shot = await prepared(examples, evaluator.few_shot_prompts(examples, shots)) if shown else None
+        few_shot_error = None if few_shot else "one example and no training data: nothing to show before it"
     except DataError as exc:
         few_shot, few_shot_error = None, str(exc)
-    call = functools.partial(_engine_call, services, services.cache_salts.for_tenant(tenant))
+    call = evaluator.gated(functools.partial(_engine_call, services, services.cache_salts.for_tenant(tenant)))
     base = (services.settings.served_model_name, None)
     models = {"adapter": (engine_name(tenant, name, version),
                           str(services.registry.version_path(tenant, name, version)))}
@@ -174,11 +176,12 @@ async def _evaluate(services: Services, tenant: str, name: str, version: int, re
         ("general", "base"): scored(base, general_rendered, facts),
     }
     if few_shot:
-        jobs["golden", "few_shot"] = scored(base, few_shot, answers, {"shots": evaluator.FEW_SHOT})
+        jobs["golden", "few_shot"] = scored(base, few_shot, answers,
+                                            {"shots": shown, "from": "training_file" if shots else "golden_set"})
     if replaces is not None:
         jobs["golden", "replaces"] = scored(models["replaces"], golden, answers, {"version": replaces})
         jobs["general", "replaces"] = scored(models["replaces"], general_rendered, facts, {"version": replaces})
-    results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    results = dict(zip(jobs, await evaluator.all_or_none(jobs.values()), strict=True))
     report: dict = {"object": "adapter.evaluation", "adapter": name, "version": version, "examples": len(examples),
                     "created_at": int(time.time()), "golden": {}, "general": {}}
     for (set_name, model), entry in sorted(results.items(), key=lambda item: _ORDER.index(item[0][1])):
@@ -189,6 +192,23 @@ async def _evaluate(services: Services, tenant: str, name: str, version: int, re
 
 
 _ORDER = ("adapter", "replaces", "base", "few_shot")
+
+
+def _training_examples(services: Services, tenant: str, name: str, version: int) -> list[Example] | None:
+    """The first solved examples of the training file of the job that made the version: the few-shot baseline
+    shows the base model what the adapter learnt from. None for a version no job made, or whose file is gone."""
+    adapter = services.store.get_adapter(tenant, name)
+    found = next((v for v in adapter.version_details if v.version == version), None) if adapter else None
+    if found is None or not found.source.startswith(JOB_PREFIX):
+        return None
+    try:
+        job = services.jobs.get_job(tenant, found.source)
+        row = services.jobs.get_file(tenant, job.training_file)
+        shots = first_examples(file_path(services.settings, tenant, row.id), evaluator.FEW_SHOT,
+                               preferences=job.method == "dpo")
+    except (Missing, OSError):
+        return None
+    return shots or None
 
 
 async def _engine_call(services: Services, cache_salt: str, model: str, adapter_path: str | None, path: str,

@@ -40,7 +40,6 @@ POLICIES = ("always", "if_better", "if_better_and_retains")
 DEFAULT_MAX_FORGETTING = 0.05
 SAME_SIMILARITY = 1e-6  # similarities this close are equal (means of the same examples' scores)
 LEASE_SECONDS = 1800  # an evaluation's most: a 200-example set on a loaded CPU engine
-JOB_PREFIX = "ftjob-"
 EVALUATION_FILENAME = "evaluation.csv"
 
 
@@ -119,7 +118,7 @@ async def promote(services: Services, tenant: str, name: str, version: int, repo
         services.pool.retire([engine_name(tenant, name, version)])
     if decision is not None:
         await _tell(services, tenant, name, version, decision, activated, source)
-        if source.startswith(JOB_PREFIX):
+        if source.startswith(runs.JOB_PREFIX):
             await run_in_threadpool(_show_in_job, services, tenant, source, report)
     return activated
 
@@ -172,6 +171,6 @@ async def _tell(services: Services, tenant: str, name: str, version: int, decisi
                   f"'{name}@{version}')."
     await run_in_threadpool(services.store.audit, "promotion", "adapter.promote", f"{tenant}/{name}@{version}",
                             "ok" if activated else "refused", outcome)
-    if source.startswith(JOB_PREFIX):
+    if source.startswith(runs.JOB_PREFIX):
         await run_in_threadpool(services.jobs.add_event, source, outcome, level="info" if activated else "warning",
                                 data={"promotion": {"promoted": activated, "reason": decision.reason}})
