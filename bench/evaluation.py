@@ -136,21 +136,22 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=50)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, BenchServer() as server:
-        folders = make_adapters(server.model, Path(tmp), 2)
-        for folder in folders:
-            upload_version(server, folder)
-        golden_file = Path(tmp) / "golden.jsonl"
-        golden_file.write_text("".join(json.dumps(line) + "\n" for line in golden_lines(args.examples)))
-        uploaded = httpx.post(f"{server.url}/v1/files", headers=server.auth, data={"purpose": "evals"},
-                              files={"file": ("golden.jsonl", golden_file.read_bytes())}, timeout=60)
-        uploaded.raise_for_status()
-        httpx.patch(f"{server.url}/v1/adapters/graded", headers=server.auth, timeout=600,
-                    json={"golden_set": uploaded.json()["id"]}).raise_for_status()
-        engine_times, report = engine_evaluation(server, args.runs)
-        model_dir = server.model
-    golden = load_golden_set(golden_file)
-    job_seconds, peft_seconds = peft_rows(model_dir, folders, golden)
+    with tempfile.TemporaryDirectory() as tmp:
+        with BenchServer() as server:
+            model_dir = server.model
+            folders = make_adapters(model_dir, Path(tmp), 2)
+            for folder in folders:
+                upload_version(server, folder)
+            golden_file = Path(tmp) / "golden.jsonl"
+            golden_file.write_text("".join(json.dumps(line) + "\n" for line in golden_lines(args.examples)))
+            uploaded = httpx.post(f"{server.url}/v1/files", headers=server.auth, data={"purpose": "evals"},
+                                  files={"file": ("golden.jsonl", golden_file.read_bytes())}, timeout=60)
+            uploaded.raise_for_status()
+            httpx.patch(f"{server.url}/v1/adapters/graded", headers=server.auth, timeout=600,
+                        json={"golden_set": uploaded.json()["id"]}).raise_for_status()
+            engine_times, report = engine_evaluation(server, args.runs)
+        print(f"engine: {[round(t, 1) for t in engine_times]} s", flush=True)
+        job_seconds, peft_seconds = peft_rows(model_dir, folders, load_golden_set(golden_file))
     engine = statistics.median(engine_times)
     rows = [
         ["engine, through the gateway (the report: 4 models on golden, 3 on general; loss and greedy answers)",

@@ -14,7 +14,9 @@ from server.publishing.promotion import decide
 from tests.conftest import make_peft_adapter
 from tests.test_admin import new_tenant, upload_files
 from tests.test_evaluation import base_answers_golden_set, httpx_call
-from tests.test_fine_tuning import TRAIN, upload, wait_for, worker  # noqa: F401
+from tests.test_fine_tuning import TRAIN, upload, worker  # noqa: F401
+from tests.test_fine_tuning import wait_for as wait_for_job
+from tests.test_hostile_tenant import Records, wait_for
 
 
 def report(adapter: tuple[float, float], rival: tuple[float, float] | None = None,
@@ -120,6 +122,23 @@ def test_a_version_published_from_the_cli_waits_for_its_evaluation(gateway, gate
     assert decided["evaluation"]["golden"]["replaces"]["version"] == active_before
 
 
+def test_a_waiting_version_is_put_off_while_the_tenant_has_an_evaluation_running(gateway, gatekeeper):
+    """Guards "no decision without evidence": while another evaluation of the tenant's runs (or the engine is away),
+    a waiting version is put off, not refused or promoted unevaluated; it is decided once the evaluation can run."""
+    _, adapters = gatekeeper
+    gateway.services.evaluating.add("gatekeeper")  # as if one of its evaluations were running
+    try:
+        with Records("loraserve.promotion") as records:
+            version = gateway.services.registry.publish(adapters["zero"], "gatekeeper", "gated", origin="cli").version
+            wait_for(lambda: any(f"v{version}: evaluation postponed" in line for line in records.lines),
+                     "the waiting version was never taken up")
+        waiting = versions(gateway, "gated")[version]
+        assert waiting["awaiting_evaluation"] and waiting["evaluation"] is None and not waiting["active"]
+    finally:
+        gateway.services.evaluating.discard("gatekeeper")
+    assert wait_decided(gateway, "gated", version)["evaluation"]["version"] == version
+
+
 def test_a_jobs_version_is_evaluated_before_it_serves_and_the_job_says_what_was_decided(gateway, gatekeeper,
                                                                                      worker):  # noqa: F811
     """A job training a new version of an adapter with a golden set succeeds with the version published and waiting;
@@ -132,7 +151,7 @@ def test_a_jobs_version_is_evaluated_before_it_serves_and_the_job_says_what_was_
     job = client.fine_tuning.jobs.create(model=gateway.settings.served_model_name, suffix="gated",
                                          training_file=upload(client, TRAIN).id,
                                          hyperparameters={"n_epochs": 1})
-    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    done = wait_for_job(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
     version = int(done.fine_tuned_model.split("@")[1])
     decided = wait_decided(gateway, "gated", version)

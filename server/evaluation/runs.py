@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the composition root, above this package: only its type
 
 log = logging.getLogger("loraserve.evaluation")
 PURPOSES = ("evals", "fine-tune")  # the file purposes a golden set may have
+BUSY = "evaluation_in_progress"  # the error code while another evaluation of the tenant's runs
 JOB_PREFIX = "ftjob-"  # a version's `source` when a fine-tuning job made it
 CSV_COLUMNS = ("set", "model", "version", "examples", "answer_tokens", "loss", "perplexity", "exact_match",
                "similarity", "error")
@@ -62,7 +63,7 @@ async def evaluate_version(services: Services, tenant: str, name: str, version: 
         raise Conflict(f"adapter '{name}' has no golden set; attach one first", code="no_golden_set")
     if tenant in services.evaluating:
         raise Conflict("An evaluation of this tenant's adapters is running; try again when it has finished.",
-                       code="evaluation_in_progress")
+                       code=BUSY)
     services.evaluating.add(tenant)
     try:
         examples = await _load(services, tenant, adapter.golden_set)

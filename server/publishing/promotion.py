@@ -13,7 +13,8 @@ log, and the job's events when a job made it.
 
 Uploads are evaluated and decided in their request (`lifecycle.publish`). A job's or the CLI's version of an adapter
 with a golden set is recorded waiting (`promotion_due`); every gateway's `watch_promotions` takes such versions up,
-one gateway each, and a version whose gateway died is taken up again when its lease ends.
+one gateway each, and a version whose gateway died is taken up again when its lease ends. An engine away, or
+another evaluation of the tenant's running, puts it off for RETRY_SECONDS: no decision is made without evidence.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 from starlette.concurrency import run_in_threadpool
 
 from adapters.names import engine_name
-from server.errors import Missing, as_api_error
+from server.errors import EngineUnavailable, Missing, as_api_error
 from server.evaluation import runs
 from server.finetuning import results
 from server.finetuning.training import file_path
@@ -40,7 +41,12 @@ POLICIES = ("always", "if_better", "if_better_and_retains")
 DEFAULT_MAX_FORGETTING = 0.05
 SAME_SIMILARITY = 1e-6  # similarities this close are equal (means of the same examples' scores)
 LEASE_SECONDS = 1800  # an evaluation's most: a 200-example set on a loaded CPU engine
+RETRY_SECONDS = 30  # after an engine away or another evaluation of the tenant's running
 EVALUATION_FILENAME = "evaluation.csv"
+
+
+class Busy(Exception):
+    """The evaluation cannot run now (the engine is away, or another of the tenant's is running)."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +87,11 @@ def _beats(ours: dict, theirs: dict) -> bool:
     return ours["loss"] < theirs["loss"]
 
 
-async def evaluate(services: Services, tenant: str, name: str, version: int) -> dict | None:
+async def evaluate(services: Services, tenant: str, name: str, version: int, *, wait_if_busy: bool = False
+                   ) -> dict | None:
     """The version's evaluation report where the adapter has a golden set (None where not); one that could not
-    be made says why (`error`), and is stored so."""
+    be made says why (`error`), and is stored so. With `wait_if_busy`, an engine away or another evaluation of
+    the tenant's running raises `Busy` instead: the caller tries again later rather than decide on no evidence."""
     adapter = await run_in_threadpool(services.store.get_adapter, tenant, name)
     if adapter is None or adapter.golden_set is None:
         return None
@@ -91,6 +99,8 @@ async def evaluate(services: Services, tenant: str, name: str, version: int) -> 
         return await runs.evaluate_version(services, tenant, name, version)
     except Exception as exc:
         error = as_api_error(exc)
+        if wait_if_busy and (isinstance(error, EngineUnavailable) or getattr(error, "code", None) == runs.BUSY):
+            raise Busy(error.message) from exc
         if error is None:
             log.exception("evaluation of %s/%s v%s failed", tenant, name, version)
         report = {"object": "adapter.evaluation", "adapter": name, "version": version,
@@ -106,6 +116,8 @@ async def promote(services: Services, tenant: str, name: str, version: int, repo
     decision = None
     if report is not None:
         adapter = await run_in_threadpool(store.get_adapter, tenant, name)
+        if adapter is None:
+            raise Missing(f"adapter '{name}' does not exist")
         decision = decide(adapter.promotion, adapter.max_forgetting, report)
         report["promotion"] = {"policy": adapter.promotion, "promoted": decision.promote, "reason": decision.reason}
         await run_in_threadpool(store.save_evaluation, tenant, name, version, report)
@@ -137,16 +149,21 @@ async def watch_promotions(services: Services, interval: float) -> None:
 
 
 async def _decide_waiting(services: Services, tenant: str, name: str, version: int, source: str) -> None:
+    store = services.store
+    adapter = await run_in_threadpool(store.get_adapter, tenant, name)
+    if adapter is None or version not in adapter.versions:
+        return  # deleted meanwhile, and its waiting with it
     try:
-        adapter = await run_in_threadpool(services.store.get_adapter, tenant, name)
-        if adapter is not None and version in adapter.versions:
-            report = await evaluate(services, tenant, name, version)
-            await promote(services, tenant, name, version, report, source)
-    finally:
-        try:
-            await run_in_threadpool(services.store.promotion_decided, tenant, name, version)
-        except Exception:  # gone with its adapter meanwhile
-            log.debug("%s/%s v%s gone before its promotion was recorded", tenant, name, version)
+        report = await evaluate(services, tenant, name, version, wait_if_busy=True)
+    except Busy as exc:
+        log.info("%s/%s v%s: evaluation postponed (%s)", tenant, name, version, exc)
+        await run_in_threadpool(store.schedule_promotion, tenant, name, version, RETRY_SECONDS)
+        return
+    except asyncio.CancelledError:  # the gateway is stopping: the next one to look takes it up at once
+        store.schedule_promotion(tenant, name, version, 0)
+        raise
+    await promote(services, tenant, name, version, report, source)
+    await run_in_threadpool(store.schedule_promotion, tenant, name, version, None)
 
 
 def _show_in_job(services: Services, tenant: str, job_id: str, report: dict) -> None:

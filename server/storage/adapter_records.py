@@ -236,11 +236,13 @@ class AdapterRecords:
                               .values(promotion_due=now + timedelta(seconds=lease)))
             return (due.tenant_id, due.name, due.version, due.source) if taken.rowcount == 1 else None
 
-    def promotion_decided(self, tenant_id: str, name: str, version: int) -> None:
+    def schedule_promotion(self, tenant_id: str, name: str, version: int, in_seconds: float | None) -> None:
+        """Take the version's promotion up again in `in_seconds` (0: now); None: it is decided, no longer waiting."""
+        due = None if in_seconds is None else utcnow() + timedelta(seconds=in_seconds)
         with self.session() as s:
             s.execute(update(AdapterVersion).where(
                 AdapterVersion.adapter_id == self._adapter_id(tenant_id, name), AdapterVersion.version == version,
-            ).values(promotion_due=None))
+            ).values(promotion_due=due))
 
     def save_evaluation(self, tenant_id: str, name: str, version: int, report: dict) -> None:
         """Store `version`'s evaluation report, replacing an earlier one; Missing if the version is gone."""
