@@ -27,6 +27,7 @@ from server.errors import BadRequest, Conflict, EngineUnavailable, Missing
 from server.evaluation import evaluator
 from server.evaluation.golden_set import Example, first_examples, load_golden_set
 from server.finetuning.training import file_path
+from server.storage.adapter_records import AdapterView, VersionView
 
 if TYPE_CHECKING:  # the composition root, above this package: only its type
     from server.services import Services
@@ -42,9 +43,7 @@ CSV_COLUMNS = ("set", "model", "version", "examples", "answer_tokens", "loss", "
 async def configure(services: Services, tenant: str, name: str, changes: dict) -> None:
     """Change `NAME`'s golden set, promotion policy or allowed forgetting (`changes`: those given). A golden set is
     checked whole first: one that cannot be evaluated is refused with its bad lines, and nothing changes."""
-    adapter = await run_in_threadpool(services.store.get_adapter, tenant, name)
-    if adapter is None:
-        raise Missing(f"adapter '{name}' does not exist")
+    await run_in_threadpool(services.store.require_adapter, tenant, name)
     if changes.get("golden_set") is not None:
         await _load(services, tenant, changes["golden_set"], param="golden_set")
     if changes:
@@ -54,11 +53,8 @@ async def configure(services: Services, tenant: str, name: str, changes: dict) -
 async def evaluate_version(services: Services, tenant: str, name: str, version: int) -> dict:
     """Evaluate `version` of `NAME` on its golden set and store the report with it. One evaluation at a time
     per tenant: each costs the engine a few requests per example and model, and traffic shares that engine."""
-    adapter = await run_in_threadpool(services.store.get_adapter, tenant, name)
-    if adapter is None:
-        raise Missing(f"adapter '{name}' does not exist")
-    if version not in adapter.versions:
-        raise Missing(f"adapter '{name}' has no version {version}")
+    adapter = await run_in_threadpool(services.store.require_adapter, tenant, name)
+    found = _version(adapter, version)
     if adapter.golden_set is None:
         raise Conflict(f"adapter '{name}' has no golden set; attach one first", code="no_golden_set")
     if tenant in services.evaluating:
@@ -70,7 +66,7 @@ async def evaluate_version(services: Services, tenant: str, name: str, version: 
         active = adapter.active_version
         replaces = active if active not in (None, version) else None
         started = time.monotonic()
-        report = await _evaluate(services, tenant, name, version, replaces, examples)
+        report = await _evaluate(services, tenant, name, found, replaces, examples)
         report.update(golden_set=adapter.golden_set, seconds=round(time.monotonic() - started, 3))
         await run_in_threadpool(services.store.save_evaluation, tenant, name, version, report)
     finally:
@@ -81,12 +77,7 @@ async def evaluate_version(services: Services, tenant: str, name: str, version: 
 
 def stored_report(services: Services, tenant: str, name: str, version: int) -> dict:
     """The version's latest evaluation report; 404 when there is none (or no such version)."""
-    adapter = services.store.get_adapter(tenant, name)
-    if adapter is None:
-        raise Missing(f"adapter '{name}' does not exist")
-    found = next((v for v in adapter.version_details if v.version == version), None)
-    if found is None:
-        raise Missing(f"adapter '{name}' has no version {version}")
+    found = _version(services.store.require_adapter(tenant, name), version)
     if found.evaluation is None:
         raise Missing(f"version {version} of adapter '{name}' has not been evaluated")
     return found.evaluation
@@ -140,8 +131,9 @@ def _load_tokenizer(model_path: str, template: str | None):
     return tokenizer
 
 
-async def _evaluate(services: Services, tenant: str, name: str, version: int, replaces: int | None,
+async def _evaluate(services: Services, tenant: str, name: str, candidate: VersionView, replaces: int | None,
                     examples: list[Example]) -> dict:
+    version = candidate.version
     max_len = services.settings.engine_max_model_len
     general = load_golden_set(GENERAL_SET, role="general set")
     tokenizer = await run_in_threadpool(_tokenizer, services.settings)
@@ -150,7 +142,7 @@ async def _evaluate(services: Services, tenant: str, name: str, version: int, re
         return run_in_threadpool(evaluator.render, tokenizer, chosen, prompts, max_len)
 
     golden, general_rendered = await prepared(examples), await prepared(general)
-    shots = await run_in_threadpool(_training_examples, services, tenant, name, version)
+    shots = await run_in_threadpool(_training_examples, services, tenant, candidate.source)
     shown = min(evaluator.FEW_SHOT, len(shots) if shots else len(examples) - 1)
     try:
         few_shot = await prepared(examples, evaluator.few_shot_prompts(examples, shots)) if shown else None
@@ -195,15 +187,21 @@ async def _evaluate(services: Services, tenant: str, name: str, version: int, re
 _ORDER = ("adapter", "replaces", "base", "few_shot")
 
 
-def _training_examples(services: Services, tenant: str, name: str, version: int) -> list[Example] | None:
-    """The first solved examples of the training file of the job that made the version: the few-shot baseline
-    shows the base model what the adapter learnt from. None for a version no job made, or whose file is gone."""
-    adapter = services.store.get_adapter(tenant, name)
-    found = next((v for v in adapter.version_details if v.version == version), None) if adapter else None
-    if found is None or not found.source.startswith(JOB_PREFIX):
+def _version(adapter: AdapterView, version: int) -> VersionView:
+    found = next((v for v in adapter.version_details if v.version == version), None)
+    if found is None:
+        raise Missing(f"adapter '{adapter.name}' has no version {version}")
+    return found
+
+
+def _training_examples(services: Services, tenant: str, source: str) -> list[Example] | None:
+    """The first solved examples of the training file of the job that made the version (its `source`): the few-shot
+    baseline shows the base model what the adapter learnt from. None for a version no job made, or whose file is
+    gone."""
+    if not source.startswith(JOB_PREFIX):
         return None
     try:
-        job = services.jobs.get_job(tenant, found.source)
+        job = services.jobs.get_job(tenant, source)
         row = services.jobs.get_file(tenant, job.training_file)
         shots = first_examples(file_path(services.settings, tenant, row.id), evaluator.FEW_SHOT,
                                preferences=job.method == "dpo")

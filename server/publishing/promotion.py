@@ -115,9 +115,7 @@ async def promote(services: Services, tenant: str, name: str, version: int, repo
     store = services.store
     decision = None
     if report is not None:
-        adapter = await run_in_threadpool(store.get_adapter, tenant, name)
-        if adapter is None:
-            raise Missing(f"adapter '{name}' does not exist")
+        adapter = await run_in_threadpool(store.require_adapter, tenant, name)
         decision = decide(adapter.promotion, adapter.max_forgetting, report)
         report["promotion"] = {"policy": adapter.promotion, "promoted": decision.promote, "reason": decision.reason}
         await run_in_threadpool(store.save_evaluation, tenant, name, version, report)

@@ -184,6 +184,11 @@ class AdapterRecords:
             adapter = self._adapter(s, tenant_id, name)
             return _view(adapter) if adapter else None
 
+    def require_adapter(self, tenant_id: str, name: str) -> AdapterView:
+        """As `get_adapter`, but Missing (a 404) when there is no such adapter."""
+        with self.session() as s:
+            return _view(self._existing_adapter(s, tenant_id, name))
+
     def list_adapters(self, tenant_id: str) -> list[AdapterView]:
         with self.session() as s:
             rows = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.name))

@@ -15,7 +15,6 @@ from adapters.names import check_name
 from server.api.deps import ServicesDep, TenantDep
 from server.api.paging import AdminLimit, After
 from server.evaluation import runs
-from server.storage.store import Missing
 from server.wire.openai import AdapterOut, AdapterUpdate
 from server.wire.pages import Page
 
@@ -59,7 +58,4 @@ def version_evaluation(name: str, version: int, tenant: TenantDep, services: Ser
 
 
 def _adapter_out(services, tenant: str, name: str) -> AdapterOut:
-    adapter = services.store.get_adapter(tenant, check_name(name, "adapter"))
-    if adapter is None:
-        raise Missing(f"adapter '{name}' does not exist")
-    return AdapterOut.of(adapter)
+    return AdapterOut.of(services.store.require_adapter(tenant, check_name(name, "adapter")))

@@ -22,7 +22,7 @@ from server.evaluation import runs
 from server.publishing import lifecycle
 from server.publishing.uploads import quota_error, staged_upload
 from server.services import Services
-from server.storage.store import KeyIdentity, Missing, OverQuota
+from server.storage.store import KeyIdentity, OverQuota
 from server.wire.openai import (
     ActivateRequest,
     AdapterOut,
@@ -128,9 +128,7 @@ async def revoke_key(tenant: str, key_id: str, admin: AdminDep, services: Servic
 
 
 def _adapter_out(services: Services, tenant: str, name: str, with_manifests: bool = False) -> AdapterOut:
-    adapter = services.store.get_adapter(tenant, name)
-    if adapter is None:
-        raise Missing(f"adapter '{name}' does not exist")
+    adapter = services.store.require_adapter(tenant, name)
     manifest = functools.partial(services.registry.manifest, tenant, name) if with_manifests else None
     return AdapterOut.of(adapter, manifest)
 
