@@ -34,3 +34,14 @@ def check_name(value: object, what: str) -> str:
 def engine_name(tenant: str, adapter: str, version: int) -> str:
     """The name an adapter version is loaded under on the engine; never a client's string."""
     return f"{check_name(tenant, 'tenant')}--{check_name(adapter, 'adapter')}--v{int(version)}"
+
+
+def parse_engine_name(name: str) -> tuple[str, str, int] | None:
+    """(tenant, adapter, version) of an `engine_name`, or None for any other name (the base model's stand-in)."""
+    parts = name.split("--")
+    if len(parts) != 3 or not all(map(is_valid_name, parts[:2])):
+        return None
+    version = parts[2].removeprefix("v")
+    if not (parts[2].startswith("v") and version.isascii() and version.isdigit()):
+        return None
+    return parts[0], parts[1], int(version)

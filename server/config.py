@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level of the gateway.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines (one per record), or plain text.")
+    console: bool = Field(
+        True, description="Serve the operator console at /console (it signs in with the admin key); false: 404."
+    )
     run_worker: bool = Field(
         False, description="Run the training worker as a supervised child of the gateway (`loraserve up` does)."
     )

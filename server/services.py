@@ -14,6 +14,7 @@ from server.engine.pool import EnginePool, PoolObserver
 from server.engine.supervisor import ChildSupervisor, engine_command, engine_env, worker_command
 from server.observability.metrics import Metrics
 from server.observability.metrics_state import metrics_state
+from server.observability.traffic import TrafficHistory
 from server.serving.cache_salt import CacheSalts, load_or_create_secret
 from server.serving.limits import Limiter
 from server.storage.factory import build_registry, build_store
@@ -38,6 +39,10 @@ class Services:
     worker: ChildSupervisor | None = None
     draining: bool = False
     evaluating: set[str] = field(default_factory=set)  # tenants with an evaluation running (one at a time)
+    traffic: TrafficHistory = field(init=False)  # the console's recent traffic, from `metrics`
+
+    def __post_init__(self) -> None:
+        self.traffic = TrafficHistory(self.metrics)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 SERVER = Path(__file__).resolve().parent.parent / "server"
 LAYERS = ["errors", "config", "wire", "storage", "engine", "observability", "serving", "finetuning", "evaluation",
-          "publishing", "services", "api", "cli"]
+          "publishing", "services", "console", "api", "cli"]
 RANK = {name: (0 if name in ("errors", "config") else i) for i, name in enumerate(LAYERS)}
 
 

@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse
 from server.api.access_log import AccessLog
 from server.api.body_limit import BodySizeLimit
 from server.api.early_auth import AuthBeforeBody
-from server.api.routes import adapters, admin, files, fine_tuning, health, openai
+from server.api.routes import adapters, admin, admin_jobs, files, fine_tuning, health, openai, traffic
 from server.api.unhandled import UnhandledErrors
 from server.config import Settings
+from server.console import routes as console
 from server.errors import APIError, api_error_body, as_api_error, domain_errors, error_body
 from server.publishing import promotion
 from server.services import Services
@@ -40,7 +41,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         for child in svc.children():
             child.start()
         watchers = [asyncio.create_task(svc.pool.watch(settings.engine_health_interval)),
-                    asyncio.create_task(promotion.watch_promotions(svc, PROMOTION_POLL_SECONDS))]
+                    asyncio.create_task(promotion.watch_promotions(svc, PROMOTION_POLL_SECONDS)),
+                    asyncio.create_task(svc.traffic.watch())]
         try:
             yield
         finally:
@@ -54,9 +56,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     # Document the one error shape on every API route (clients and schema fuzzers read it).
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
-    for router in (openai.router, files.router, fine_tuning.router, adapters.router, admin.router):
+    for router in (openai.router, files.router, fine_tuning.router, adapters.router, admin.router,
+                   admin_jobs.router, traffic.router):
         app.include_router(router, responses=errors)
     app.include_router(health.router)
+    if settings.console:
+        app.include_router(console.router)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes, uploads=settings.max_upload_bytes)
     app.add_middleware(AuthBeforeBody)  # outside the size limit: no key, no byte of the body read
     app.add_middleware(AccessLog)  # sees every response, the 401s and 413s above included

@@ -8,6 +8,7 @@ from server.api.deps import JobsDep, ServicesDep, TenantDep
 from server.api.paging import After, JobsLimit
 from server.errors import NotFound
 from server.finetuning import training
+from server.storage.jobstore import JobStore
 from server.wire.fine_tuning import (
     CheckpointObject,
     JobCreate,
@@ -56,10 +57,16 @@ def resume_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> JobObject:
 @router.get("/{job_id}/events")
 def list_events(job_id: str, tenant: TenantDep, jobs: JobsDep, limit: JobsLimit = 20, after: After = None
                 ) -> Page[JobEventObject]:
+    return event_page(jobs, tenant.id, job_id, limit, after)
+
+
+def event_page(jobs: JobStore, tenant_id: str, job_id: str, limit: int, after: str | None
+               ) -> Page[JobEventObject]:
+    """A job's events, newest first, older than the event `after` names (`ftevent-N`)."""
     number = None if after is None else after.removeprefix("ftevent-")
     if number is not None and not (number.isascii() and number.isdigit() and len(number) < 19):
         raise NotFound(f"after: no event with id '{after[:64]}'.", param="after")
-    rows, more = jobs.list_events(tenant.id, job_id, limit, None if number is None else int(number))
+    rows, more = jobs.list_events(tenant_id, job_id, limit, None if number is None else int(number))
     return Page.of([JobEventObject.of(e) for e in rows], more)
 
 
