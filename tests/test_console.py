@@ -210,6 +210,19 @@ def test_a_jobs_loss_curve_grows_while_it_trains(page, gateway):
     shot(page, "job")
 
 
+def test_a_queued_job_is_cancelled_from_its_page(page, gateway):
+    key = new_tenant(gateway, "console-cancel")
+    client = gateway.client(key)
+    job = client.fine_tuning.jobs.create(model=gateway.settings.served_model_name,
+                                         training_file=upload(client, TRAIN).id, suffix="never")
+    signed_in(page)
+    page.goto(f"/console#/tenants/console-cancel/jobs/{job.id}")  # no worker runs: it stays queued
+    page.click("#job-cancel")
+    expect(page.locator("#job-status")).to_have_text("cancelled")
+    expect(page.locator("#job-cancel")).to_be_hidden()
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
 def test_the_traffic_page_shows_requests_and_engines(page, gateway):
     alpha = gateway.client(gateway.tenants["alpha"].key)
     for _ in range(2):

@@ -17,6 +17,8 @@ from server.errors import EngineUnavailable, EngineUnreachable
 class RecordingClient:
     def __init__(self, name: str):
         self.base_url, self.up, self.loads, self.unloads = name, True, [], []
+        self.held: set[str] = set()  # what the engine reports it holds, whoever loaded it
+        self.unload_failures = 0  # unloads still to fail as if the engine had timed out
 
     async def healthy(self) -> bool:
         self.checks = getattr(self, "checks", 0) + 1
@@ -27,12 +29,20 @@ class RecordingClient:
         if not self.up:
             raise EngineUnreachable("gone")
         self.loads.append(name)
+        self.held.add(name)
 
     async def unload_adapter(self, name: str) -> bool:
         if not self.up:
             raise EngineUnreachable("gone")
+        if self.unload_failures:
+            self.unload_failures -= 1
+            raise EngineUnavailable("The inference engine did not answer in time.")
         self.unloads.append(name)
+        self.held.discard(name)
         return True
+
+    async def adapters(self) -> set[str] | None:
+        return set(self.held) if self.up else None
 
     async def aclose(self) -> None:
         pass
@@ -298,3 +308,32 @@ def test_a_flood_of_readiness_checks_makes_few_engine_checks():
     asyncio.run(go())
     assert e0.checks - before == 2
     assert not pool.slots[0].up
+
+
+def test_routing_follows_what_the_engines_report_they_hold():
+    """Issue 17: a gateway that restarted, or runs beside another, learns each engine's adapters at its health
+    checks: one loaded there by another gateway is routed to it without a load, one it lost is loaded again."""
+    pool, (e0, e1) = make_pool()
+    e1.held.add("warm")  # another gateway loaded it on e1
+    asyncio.run(pool.healthy())
+    assert [serve(pool, "warm") for _ in range(3)] == ["e1"] * 3 and e1.loads == [] and e0.loads == []
+    e1.held.clear()  # e1 restarted between two checks
+    asyncio.run(pool.healthy())
+    assert "warm" not in pool.slots[1].loaded
+    serve(pool, "warm")
+    assert e0.loads + e1.loads == ["warm"]
+
+
+def test_an_unload_the_engine_missed_while_up_is_sent_again_at_the_next_check():
+    pool, (e0,) = make_pool(engines=1)
+    serve(pool, "a")
+    e0.unload_failures = 1  # a timeout: the engine still holds it
+    asyncio.run(pool.discard("a", lambda: None))
+    assert e0.held == {"a"} and pool.slots[0].retiring == {"a"}
+
+    async def check():  # it says it holds a retiring version: unloaded now
+        await pool.healthy()
+        await settle(pool)
+
+    asyncio.run(check())
+    assert e0.held == set() and e0.unloads == ["a"] and not pool.slots[0].loaded

@@ -132,23 +132,30 @@ def loads_by_engine(url: str) -> dict[str, float]:
     return {engine: float(count) for engine, count in found}
 
 
+def ours(slot) -> set[str]:
+    """The adapters of this module's tenants that an engine holds."""
+    return {n for n in slot.loaded if n.split("--")[0] in {tenant for tenant, _ in ADAPTERS}}
+
+
 def test_affinity_failover_and_return_to_rotation(two_engine_gateway, gateway, engine_b):
     url, services, keys = two_engine_gateway
     slot_a, slot_b = services.pool.slots
 
     # 1. Traffic over 6 adapters from 3 tenants, below capacity: each adapter is loaded once, on one
-    #    engine, and stays there; the adapters are spread over both engines.
+    #    engine, and stays there. A also holds the session gateway's adapters (the pool takes what each engine
+    #    reports it holds), so new adapters go to B first.
     assert traffic(url, keys, rounds=4) == [200] * 24
-    names_a, names_b = set(slot_a.loaded), set(slot_b.loaded)
+    names_a, names_b = ours(slot_a), ours(slot_b)
     assert len(names_a) + len(names_b) == 6 and not names_a & names_b, (names_a, names_b)
-    assert names_a and names_b, "new adapters go to the engine holding fewer"
-    assert loads_by_engine(url) == {gateway.engine_url: len(names_a), engine_b.url: len(names_b)}
+    assert names_b, "new adapters go to the engine holding fewer"
+    assert loads_by_engine(url) == {e: n for e, n in ((gateway.engine_url, len(names_a)),
+                                                      (engine_b.url, len(names_b))) if n}
 
     # 2. Engine B dies: every later request succeeds on A (retried there when it had been sent to B).
     engine_b.kill()
     assert traffic(url, keys, rounds=3) == [200] * 18
     assert not slot_b.up
-    assert len(slot_a.loaded) == 6, "B's adapters were loaded on A"
+    assert len(ours(slot_a)) == 6, "B's adapters were loaded on A"
 
     # 3. B comes back on the same address: the health check returns it to rotation, and it gets traffic
     #    again, here the overflow of one adapter busier than A's capacity.
@@ -162,3 +169,21 @@ def test_affinity_failover_and_return_to_rotation(two_engine_gateway, gateway, e
     assert statuses == [200] * (2 * CAPACITY)
     assert engine_b.requests_served() >= 1, "the restarted engine served part of the burst"
     assert any(n.startswith(f"{tenant}--{name}--") for n in slot_b.loaded)
+
+
+def test_a_restarted_gateway_routes_to_the_engine_that_holds_the_adapter_without_a_load(two_engine_gateway, engine_b):
+    """Issue 17: a gateway knew what each engine held only from its own loads, so after a restart (or beside
+    another gateway) it loaded an adapter again, often on another engine. It now takes each engine's
+    `/v1/models` as the truth at every health check."""
+    _, services, keys = two_engine_gateway
+    tenant, name = ADAPTERS[0]  # the previous test left it loaded on B (and all six on A)
+    held_by_b = next(n for n in services.pool.slots[1].loaded if n.startswith(f"{tenant}--{name}--"))
+    settings = services.settings.model_copy(update={"port": free_port()})
+    with running_gateway(settings) as app:  # a new gateway process on the same database and engines
+        fresh = app.state.services.pool
+        wait_for(lambda: held_by_b in fresh.slots[1].loaded, "the new gateway learning what B holds", timeout=120)
+        assert ours(fresh.slots[0]) == ours(services.pool.slots[0])  # and what A holds
+        url = f"http://127.0.0.1:{settings.port}"
+        assert [ask(url, keys[t], n) for t, n in ADAPTERS] == [200] * len(ADAPTERS)
+        assert loads_by_engine(url) == {}, "no adapter was loaded again"
+

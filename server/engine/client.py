@@ -137,6 +137,21 @@ class EngineClient:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
+    async def adapters(self, timeout: float = 5.0) -> set[str] | None:
+        """The LoRA adapters the engine holds now (the `/v1/models` entries with a parent), whoever loaded
+        them; None when it does not answer."""
+        try:
+            async with self._http().get(self.base_url + "/v1/models",
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                if response.status != 200:
+                    return None
+                models = (await response.json(content_type=None)).get("data")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+            return None
+        if not isinstance(models, list):
+            return None
+        return {m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)}
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter under `name`; loading a name that is already there is a success."""
         reply = await self._whole("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})

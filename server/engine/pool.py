@@ -121,7 +121,24 @@ class EnginePool:
                         self._spawn(self._unload(slot, name))
             elif slot.up and not up:
                 self.mark_down(slot)
+        await asyncio.gather(*(self._reconcile(slot) for slot in self.slots if slot.up))
         return any(results)
+
+    async def _reconcile(self, slot: EngineSlot) -> None:
+        """Take what the engine says it holds as the truth: adapters another gateway loaded there are routed to
+        it without a load, and ones it lost (a restart between two checks) are loaded again when asked for.
+        What changed here while the engine was asked (a load finished, an unload began) is kept."""
+        before = set(slot.loaded)
+        reported = await slot.client.adapters()
+        if reported is None:
+            return
+        loaded_meanwhile, unloaded_meanwhile = slot.loaded - before, before - slot.loaded
+        slot.loaded, lost = (reported - unloaded_meanwhile) | loaded_meanwhile, before - reported
+        for name in slot.loaded & slot.retiring:  # an unload it missed while it stayed up: sent again once idle
+            if not slot.running[name]:
+                self._spawn(self._unload(slot, name))
+        for name in lost - slot.loaded:  # a deleted version's files can go once no engine holds it
+            self._settle(name)
 
     async def watch(self, interval: float) -> None:
         """Health-check the engines every `interval` seconds, for as long as the gateway runs."""
