@@ -31,6 +31,15 @@ function uploadBody(form) {
   return body;
 }
 
+// "Published x v3, active." or, when its promotion policy kept it back, why.
+function publishedText(adapter) {
+  const latest = newest(adapter);
+  if (!latest) return `Published ${adapter.name}.`;
+  const promotion = latest.evaluation && latest.evaluation.promotion;
+  const state = latest.active ? 'active' : `not active${promotion ? `: ${promotion.reason}` : ''}`;
+  return `Published ${adapter.name} v${latest.version}, ${state}.`;
+}
+
 function uploadForm(ctx, t, reload) {
   const status = h('p', {id: 'upload-status', role: 'status'});
   const form = h('form', {id: 'upload-form', class: 'stacked'},
@@ -52,8 +61,7 @@ function uploadForm(ctx, t, reload) {
       }
     },
     then: adapter => {
-      const latest = newest(adapter);
-      status.textContent = `Published ${adapter.name} v${latest ? latest.version : '?'}.`;
+      status.textContent = publishedText(adapter);
       form.reset();
       return reload();
     },
