@@ -1,4 +1,7 @@
-"""Admin API: recent traffic per tenant and adapter on this gateway, and what each engine holds."""
+"""Admin API: recent traffic per tenant and adapter on this gateway, and what each engine holds.
+
+Both run on the event loop (no I/O): the pool's sets and the traffic history change there, and reading them from
+a worker thread could meet them mid-change."""
 
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @router.get("/traffic")
-def traffic(_: AdminDep, services: ServicesDep) -> dict:
+async def traffic(_: AdminDep, services: ServicesDep) -> dict:
     """Requests, errors, tokens and median time to first token over the last minutes, per interval."""
     return services.traffic.report()
 
 
 @router.get("/engines")
-def engines(_: AdminDep, services: ServicesDep) -> dict:
+async def engines(_: AdminDep, services: ServicesDep) -> dict:
     """The engines this gateway routes to, whether each is in rotation, and the adapter versions it holds."""
     data = []
     for slot in services.pool.slots:
