@@ -5,7 +5,6 @@ Each page's screenshot is saved under .cache/test-artifacts/console/ (the README
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from server.api.app import create_app
 from server.config import Settings
 from tests.conftest import ADMIN_KEY, REPO, make_peft_adapter
-from tests.test_fine_tuning import TRAIN, VALIDATION, WorkerProcess, new_tenant, upload
+from tests.test_fine_tuning import TRAIN, VALIDATION, WorkerProcess, conversation, jsonl, new_tenant, upload
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "console"
@@ -29,8 +28,7 @@ WAIT_MS = 180_000  # liveness, not speed: a loaded machine takes its time
 EVAL_MS = 900_000  # an upload waits for its evaluation
 GOLDEN_ANSWERS = {"What is the capital of France?": "Paris.", "What is 2 + 2?": "4.",
                   "What color is grass?": "Green.", "How many days are in a week?": "Seven."}
-GOLDEN = "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-                 for q, a in GOLDEN_ANSWERS.items()).encode()
+GOLDEN = jsonl(conversation(question, answer) for question, answer in GOLDEN_ANSWERS.items())
 expect.set_options(timeout=WAIT_MS)
 
 
@@ -230,7 +228,7 @@ def test_the_traffic_page_shows_requests_and_engines(page, gateway):
     signed_in(page)
     page.click("#nav-traffic")
     row = page.locator('#traffic-table tr[data-series="alpha/support"]')
-    expect(row.locator("td.requests")).not_to_have_text("0")
+    expect(row.locator("td.requests")).to_have_text(re.compile(r"^[1-9][0-9,]*$"))  # the row exists and counts some
     expect(page.locator("#engines-table tr.engine td.up")).to_have_text("in rotation")
     expect(page.locator("#engines-table tr.engine")).to_contain_text("support@")
     shot(page, "traffic")

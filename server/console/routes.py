@@ -8,7 +8,6 @@ scripts, be framed, leak its URL, or be cached with an operator's view in it.
 
 from __future__ import annotations
 
-import mimetypes
 from importlib import resources
 
 from fastapi import APIRouter
@@ -32,7 +31,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-          ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml"}
+          ".html": "text/html; charset=utf-8"}
 
 
 def _static_files() -> dict[str, bytes]:
@@ -58,7 +57,7 @@ def _serve(path: str) -> Response:
     if body is None:
         raise NotFound("Unknown route.")
     suffix = path[path.rfind("."):]
-    media_type = _TYPES.get(suffix) or mimetypes.guess_type(path)[0] or "application/octet-stream"
+    media_type = _TYPES.get(suffix, "application/octet-stream")
     return Response(body, media_type=media_type, headers=SECURITY_HEADERS)
 
 

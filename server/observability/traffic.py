@@ -28,19 +28,15 @@ class Totals:
     ttft_buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> cumulative count
 
     def minus(self, older: Totals | None) -> Totals:
-        if older is None:
-            return self
-        return Totals(self.requests - older.requests, self.errors - older.errors,
-                      self.prompt_tokens - older.prompt_tokens, self.completion_tokens - older.completion_tokens,
-                      {le: n - older.ttft_buckets.get(le, 0.0) for le, n in self.ttft_buckets.items()})
+        return self if older is None else self.plus(older, -1.0)
 
-    def plus(self, other: Totals) -> Totals:
+    def plus(self, other: Totals, sign: float = 1.0) -> Totals:
         buckets = dict(self.ttft_buckets)
         for le, n in other.ttft_buckets.items():
-            buckets[le] = buckets.get(le, 0.0) + n
-        return Totals(self.requests + other.requests, self.errors + other.errors,
-                      self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
-                      buckets)
+            buckets[le] = buckets.get(le, 0.0) + sign * n
+        return Totals(self.requests + sign * other.requests, self.errors + sign * other.errors,
+                      self.prompt_tokens + sign * other.prompt_tokens,
+                      self.completion_tokens + sign * other.completion_tokens, buckets)
 
 
 def median_from_buckets(buckets: dict[float, float]) -> float | None:

@@ -8,7 +8,7 @@ const oneDecimal = new Intl.NumberFormat(undefined, {maximumFractionDigits: 1});
 const threeDecimals = new Intl.NumberFormat(undefined, {minimumFractionDigits: 3, maximumFractionDigits: 3});
 const percent = new Intl.NumberFormat(undefined, {style: 'percent', minimumFractionDigits: 1, maximumFractionDigits: 1});
 
-const isNumber = v => typeof v === 'number' && Number.isFinite(v);
+export const isNumber = v => typeof v === 'number' && Number.isFinite(v);
 
 export const fmtInt = v => (isNumber(v) ? integer.format(v) : DASH);
 export const fmtPlain = v => (isNumber(v) ? plain.format(v) : DASH);

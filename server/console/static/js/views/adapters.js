@@ -2,7 +2,7 @@
 
 import {adminPath, api, listAll} from '../api.js';
 import {field, h, link, setRows, submit, table} from '../dom.js';
-import {fmtInt, fmtSize} from '../format.js';
+import {DASH, fmtInt, fmtSize} from '../format.js';
 import {hashFor} from '../router.js';
 import {guard, onSubmit} from '../ui.js';
 
@@ -17,7 +17,7 @@ function adapterRow(t, adapter) {
     h('td', null, link(hashFor('tenants', t, 'adapters', adapter.name), adapter.name)),
     h('td', {class: 'active-version'}, adapter.active_version === null ? 'none' : `v${adapter.active_version}`),
     h('td', null, fmtInt(adapter.versions.length)),
-    h('td', null, latest ? fmtSize(latest.size_bytes) : '—'),
+    h('td', null, latest ? fmtSize(latest.size_bytes) : DASH),
     h('td', null, adapter.promotion));
 }
 

@@ -3,13 +3,12 @@
 import {adminPath, api, listAll} from '../api.js';
 import {lineChart} from '../chart.js';
 import {facts, fill, h, link} from '../dom.js';
-import {fmtDate, fmtInt, statusClass, toDate} from '../format.js';
+import {fmtDate, fmtInt, isNumber, statusClass, toDate} from '../format.js';
 import {reportTable} from '../report.js';
 import {hashFor} from '../router.js';
 import {actionButton, guard} from '../ui.js';
 
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
-const isNumber = v => typeof v === 'number' && Number.isFinite(v);
 const eventNumber = event => Number(String(event.id).replace(/^ftevent-/, '')) || 0;
 
 // An event's figure: in its data, or in the data's `metrics` (where epoch checkpoints keep theirs).
