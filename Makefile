@@ -66,12 +66,13 @@ lock-check: install
 	  echo '$(LOCK) does not pin the packages above at these versions: run `make lock`'; exit 1; fi
 
 # Debian packages the tests run for real: Prometheus and promtool (metrics), PostgreSQL (several
-# gateways on one database), the docker-compose client (checks the compose files; no engine needed) and
-# Chromium with its driver (the console's tests drive it with Playwright; no browser is downloaded).
-SYSTEM_PACKAGES := prometheus postgresql docker-compose chromium chromium-driver
+# gateways on one database), Redis (limits shared by several gateways), the docker-compose client (checks the
+# compose files; no engine needed) and Chromium with its driver (the console's tests drive it with Playwright;
+# no browser is downloaded).
+SYSTEM_PACKAGES := prometheus postgresql redis-server docker-compose chromium chromium-driver
 system-packages:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
-	  && command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  && command -v chromium >/dev/null && command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
 
 # The frameworks tests/test_clients_frameworks.py drives, each in a venv of its own: their pins clash with the

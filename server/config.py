@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         "429: a client that retries at once is slowed to about one try a second per connection instead of "
         "spending the engine's CPU on refusals. 0: refuse at once.",
     )
+    redis_url: SecretStr | None = Field(
+        None, description="Redis (`redis://host:6379/0`, `rediss://...`, `unix:///path`) where all gateways count the "
+        "tenant limits together: concurrent sequences, requests and tokens per minute. Unset: each gateway counts "
+        "its own. While it does not answer, each gateway counts on its own (fail open to per-gateway limits; "
+        "logged, `loraserve_limits_store_up` 0).",
+    )
     cache_salt_secret: SecretStr | None = Field(
         None, description="Secret the per-tenant prefix-cache salts are derived from; give every gateway that "
         "shares engines the same one. Unset: made once and kept in data_dir/cache-salt.secret.",

@@ -17,6 +17,7 @@ from server.observability.metrics_state import metrics_state
 from server.observability.traffic import TrafficHistory
 from server.serving.cache_salt import CacheSalts, load_or_create_secret
 from server.serving.limits import Limiter
+from server.serving.shared_counts import SharedCounts
 from server.storage.factory import build_registry, build_store
 from server.storage.jobstore import JobStore
 from server.storage.store import Store
@@ -52,9 +53,12 @@ class Services:
                                 request_timeout=settings.engine_request_timeout)
                    for url in settings.engine_base_urls()]
         metrics = Metrics(state=lambda: metrics_state(store, pool))  # read at scrape time, pool set below
+        shared = None
+        if settings.redis_url is not None:
+            shared = SharedCounts(settings.redis_url.get_secret_value(), on_state=metrics.limits_store)
         pool = EnginePool(
             clients, observer=_MetricsObserver(metrics, store), routing=settings.engine_routing,
-            capacity=settings.engine_capacity, max_failures=settings.engine_max_failures,
+            capacity=settings.engine_capacity, max_failures=settings.engine_max_failures, leases=shared,
         )
         supervisor = worker = None
         if settings.embedded_engine:
@@ -71,7 +75,7 @@ class Services:
             worker = ChildSupervisor("worker", worker_command(), env, settings.log_dir / "worker.log")
         limiter = Limiter(settings.max_in_flight, contended_share=settings.tenant_contended_concurrency,
                           queue_timeout=settings.tenant_queue_timeout,
-                          refusal_hold=settings.tenant_refusal_hold)
+                          refusal_hold=settings.tenant_refusal_hold, shared=shared)
         return cls(settings, store, registry, pool, metrics, limiter, JobStore(store),
                    build_cache_salts(settings), supervisor, worker)
 

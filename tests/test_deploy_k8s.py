@@ -66,6 +66,7 @@ def test_k8s_workloads(monkeypatch):
     assert "ReadWriteMany" in claims["loraserve-registry"]["spec"]["accessModes"]
     secret = files.objects("Secret")["loraserve-secrets"]["stringData"]
     assert "postgresql+psycopg://" in secret["database-url"] and "CHANGE-ME" in secret["admin-key"]
+    assert secret["redis-url"].startswith("redis://")  # several gateways count tenant limits together
     secret_vars = {}
     for obj in [*loads.values(), *files.objects("Job").values()]:
         spec = files.pod(obj)
@@ -84,7 +85,7 @@ def test_k8s_workloads(monkeypatch):
                 secret_vars[var["name"]] = ref["key"]
         assert files.claim_mounts(obj).get("loraserve-models") in (None, str(settings.model_path.parent))
     assert secret_vars == {"LORASERVE_DATABASE_URL": "database-url", "LORASERVE_ADMIN_KEY": "admin-key",
-                           "LORASERVE_METRICS_TOKEN": "metrics-token"}
+                           "LORASERVE_METRICS_TOKEN": "metrics-token", "LORASERVE_REDIS_URL": "redis-url"}
 
     for role, obj in loads.items():
         main = files.pod(obj)["containers"][0]

@@ -3,13 +3,11 @@ holds under concurrency from several processes, and two gateway processes share 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -25,7 +23,8 @@ from server.storage.db import AdapterVersion, Base, Job, JobEvent, utcnow
 from server.storage.jobstore import JobStore
 from server.storage.migrations import INITIAL, LOCK_KEY, alembic_config, head
 from server.storage.store import Conflict, Missing, Store
-from tests.conftest import ADMIN_KEY, REPO, free_port, make_peft_adapter, wait_until_ok
+from tests.conftest import ADMIN_KEY, REPO, make_peft_adapter, wait_until_ok
+from tests.gateway_processes import killing, start_gateway
 
 pytest_plugins = ["tests.postgres"]
 
@@ -248,32 +247,6 @@ def test_gateways_starting_together_migrate_one_after_the_other(postgres_server,
 
 def _lock_waiters(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0]
-
-
-@contextlib.contextmanager
-def killing(*processes: subprocess.Popen):
-    """Kill the processes' groups on the way out, whatever happened."""
-    try:
-        yield
-    finally:
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 9)
-            process.wait(timeout=30)
-
-
-def start_gateway(tmp: Path, name: str, engine_url: str, database_url: str, registry: Path, model: Path):
-    data = tmp / name
-    data.mkdir()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
-    env.update(LORASERVE_ENGINE_URLS=engine_url, LORASERVE_DATABASE_URL=database_url, LORASERVE_PORT=str(port),
-               LORASERVE_REGISTRY_DIR=str(registry), LORASERVE_DATA_DIR=str(data), LORASERVE_ADMIN_KEY=ADMIN_KEY,
-               LORASERVE_BASE_MODEL_PATH=str(model), LORASERVE_LOG_FORMAT="text")
-    log = data / "gateway.log"
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "gateway"], cwd=REPO, env=env,
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    return process, f"http://127.0.0.1:{port}", log
 
 
 def test_two_gateways_share_one_postgres_database(gateway, base_model_path, postgres_url, tmp_path):

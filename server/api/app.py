@@ -40,9 +40,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.state.services = svc
         for child in svc.children():
             child.start()
+        shared_limits = svc.limiter.shared
+        if shared_limits is not None:
+            await shared_limits.beat()  # counted by the other gateways before the first request
         watchers = [asyncio.create_task(svc.pool.watch(settings.engine_health_interval)),
                     asyncio.create_task(promotion.watch_promotions(svc, PROMOTION_POLL_SECONDS)),
                     asyncio.create_task(svc.traffic.watch())]
+        if shared_limits is not None:
+            watchers.append(asyncio.create_task(shared_limits.watch()))
         try:
             yield
         finally:
@@ -52,6 +57,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             for child in svc.children():
                 await child.stop()
             await svc.pool.aclose()
+            if shared_limits is not None:
+                await shared_limits.aclose()
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     # Document the one error shape on every API route (clients and schema fuzzers read it).

@@ -20,6 +20,10 @@ returns) and a request starting on the version meanwhile (the unload waits for i
 version is served again) cancels it. A *deleted* version (`discard`) also keeps its files until no
 engine holds it: vLLM re-reads an adapter's folder whenever it evicts it from its CPU cache, so running
 requests need them; they are removed after the last unload.
+
+Several gateways on the same engines tell each other which versions they serve (`Leases`, kept in the shared
+store): a retired version that another gateway is still serving is not unloaded yet; the unload is tried again
+at each health check until no gateway serves it.
 """
 
 from __future__ import annotations
@@ -31,12 +35,20 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from server.engine.client import AdapterLoadFailed, EngineClient
 from server.errors import EngineUnavailable, EngineUnreachable
 
 Routing = Literal["affinity", "round_robin"]
+
+
+class Leases(Protocol):
+    """Which versions the other gateways serve (`server.serving.shared_counts.SharedCounts`)."""
+
+    def use(self, engine_model: str) -> None: ...
+    def done_with(self, engine_model: str) -> None: ...
+    async def used_elsewhere(self, engine_model: str) -> bool: ...
 
 log = logging.getLogger("loraserve.pool")
 
@@ -72,13 +84,15 @@ class EngineSlot:
 class EnginePool:
     def __init__(
         self, clients: list[EngineClient], observer: PoolObserver | None = None, *,
-        routing: Routing = "affinity", capacity: int = 64, max_failures: int = 3,
+        routing: Routing = "affinity", capacity: int = 64, max_failures: int = 3, leases: Leases | None = None,
     ):
         if not clients:
             raise ValueError("at least one engine is needed")
         self.slots = [EngineSlot(c) for c in clients]
         self.observer = observer or PoolObserver()
         self.routing, self.capacity, self.max_failures = routing, capacity, max_failures
+        self.leases = leases
+        self._serving: Counter[str] = Counter()  # requests running per version, on all engines
         # (engine name, path) of the adapter that base-model requests are served through; None: the base
         # model itself (see `adapters.zero`).
         self.base_stand_in: tuple[str, str] | None = None
@@ -183,6 +197,9 @@ class EnginePool:
         while True:
             slot = self._choose(engine_model, avoid)
             slot.running[engine_model] += 1  # counted at once, so concurrent choices see it busy
+            self._serving[engine_model] += 1
+            if self._serving[engine_model] == 1 and self.leases is not None:
+                self.leases.use(engine_model)
             try:
                 load_seconds = 0.0
                 if adapter_path is not None:
@@ -206,11 +223,15 @@ class EnginePool:
         else:
             self._settle(engine_model)
 
-    @staticmethod
-    def _unreserve(slot: EngineSlot, engine_model: str) -> None:
+    def _unreserve(self, slot: EngineSlot, engine_model: str) -> None:
         slot.running[engine_model] -= 1
         if slot.running[engine_model] <= 0:
             del slot.running[engine_model]
+        self._serving[engine_model] -= 1
+        if self._serving[engine_model] <= 0:
+            del self._serving[engine_model]
+            if self.leases is not None:
+                self.leases.done_with(engine_model)
 
     async def preload(self, engine_model: str, adapter_path: str) -> None:
         """Load a version before its first request, on the engine that would serve it. The version is
@@ -311,6 +332,9 @@ class EnginePool:
             # request ends. Out of rotation: `healthy` retries it when the engine returns.
             if name not in slot.retiring or slot.running[name] or not slot.up:
                 return
+            if self.leases is not None and await self.leases.used_elsewhere(name):
+                log.info("not unloading %s from %s yet: another gateway serves it", name, slot.client.base_url)
+                return  # still retiring: the next health check tries again
             slot.loaded.discard(name)
             try:
                 if await slot.client.unload_adapter(name):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -51,11 +51,25 @@ class Metrics:
         self.uploads = Counter("loraserve_uploads", "Adapter uploads, accepted or refused (with the reason).",
                                ["result", "reason"], registry=r)
         self.engine_restarts = Counter("loraserve_engine_restarts", "Restarts of the embedded engine.", registry=r)
+        self._limits_store: tuple[Gauge, Counter] | None = None  # made when a shared store is first heard of
         if state is not None:
             r.register(_StateCollector(state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def limits_store(self, up: bool) -> None:
+        """The shared limits store answered (`up`) or failed; a gateway without one has neither series."""
+        if self._limits_store is None:
+            self._limits_store = (
+                Gauge("loraserve_limits_store_up", "1 while the shared limits store (Redis) answers; 0: this "
+                      "gateway counts tenant limits on its own.", registry=self.registry),
+                Counter("loraserve_limits_store_errors", "Calls to the shared limits store that failed.",
+                        registry=self.registry))
+        gauge, errors = self._limits_store
+        gauge.set(1 if up else 0)
+        if not up:
+            errors.inc()
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

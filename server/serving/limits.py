@@ -7,7 +7,8 @@ really produced, so concurrent requests cannot overshoot the budget before the f
 limit: 429 with `Retry-After`, after a short hold. While other tenants are active, a tenant runs at most its
 contended share of sequences and its other requests wait for a turn (`Limiter.acquire`). Gateway-wide: at
 most `max_in_flight` sequences at once, else 503 with `Retry-After`, rather than an unbounded queue.
-State is per gateway process.
+The tenant limits are counted in this process, or, with a shared store (`server.serving.shared_counts`), once
+for all gateways; the contended share and the gateway-wide bound are always this gateway's own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from server.errors import BadRequest, EngineUnavailable, RateLimited
+from server.serving.shared_counts import SharedCounts, StoreUnavailable
 
 log = logging.getLogger("loraserve.limits")
 
@@ -55,11 +57,12 @@ class Ticket:
     A ticket marked `preemptible` (a request that has sent its client nothing yet) may be preempted once:
     its sequences leave the engine's batch (`preempted` is set; the holder aborts its engine request) and
     `resume` waits for the tenant's next turn to run it again from the start, as vLLM preempts by
-    recomputation."""
+    recomputation. `shared`: counted in the shared store, and given back there."""
 
-    def __init__(self, limiter: Limiter, tenant: str, sequences: int, reserved: int, tokens_per_minute: int | None):
+    def __init__(self, limiter: Limiter, tenant: str, sequences: int, reserved: int, tokens_per_minute: int | None,
+                 *, shared: bool = False):
         self.limiter, self.tenant, self.sequences = limiter, tenant, sequences
-        self.reserved, self.tokens_per_minute = reserved, tokens_per_minute
+        self.reserved, self.tokens_per_minute, self.shared = reserved, tokens_per_minute, shared
         self.preemptible = False
         self.preempted = asyncio.Event()
         self._open = self._running = True
@@ -97,8 +100,8 @@ class _OverShare(Exception):
 
 class Limiter:
     def __init__(self, max_in_flight: int, *, contended_share: int | None = None, queue_timeout: float = 30.0,
-                 refusal_hold: float = 0.0):
-        self.max_in_flight = max_in_flight
+                 refusal_hold: float = 0.0, shared: SharedCounts | None = None):
+        self.max_in_flight, self.shared = max_in_flight, shared
         self.contended_share, self.queue_timeout, self.refusal_hold = contended_share, queue_timeout, refusal_hold
         self.in_flight = 0
         self.running: defaultdict[str, int] = defaultdict(int)
@@ -124,7 +127,7 @@ class Limiter:
         try:
             while True:
                 try:
-                    return self.admit(tenant, limits, sequences=sequences, tokens=tokens, fair=True)
+                    return await self._admit(tenant, limits, sequences=sequences, tokens=tokens)
                 except _OverShare:
                     concurrent = limits.get("max_concurrent_requests")
                     if queued or concurrent is None or (
@@ -157,6 +160,30 @@ class Limiter:
             if holding:
                 self.held[tenant] -= 1
 
+    async def _admit(self, tenant: str, limits: dict, *, sequences: int, tokens: int) -> Ticket:
+        """`admit` (fair), with the tenant's limits counted in the shared store while it answers."""
+        shared = self.shared
+        if shared is None or not shared.available():
+            return self.admit(tenant, limits, sequences=sequences, tokens=tokens, fair=True)
+        self._refuse_impossible(limits, sequences)
+        self._wait_when_over_share(tenant, sequences)
+        self._refuse_when_full(sequences)
+        tpm = limits.get("tokens_per_minute")
+        reserved = tokens if tpm is not None else 0
+        try:
+            await shared.admit(tenant, limits, sequences=sequences, tokens=reserved)
+        except StoreUnavailable:
+            return self.admit(tenant, limits, sequences=sequences, tokens=tokens, fair=True)
+        ticket = Ticket(self, tenant, sequences, reserved, tpm, shared=True)
+        try:
+            self._refuse_when_full(sequences)  # filled while the store answered
+        except EngineUnavailable:
+            ticket._running = False
+            ticket.release(0)
+            raise
+        self._start_running(ticket)
+        return ticket
+
     async def _released(self, timeout: float) -> None:
         """Returns at the next release of any ticket, or after `timeout` seconds."""
         if self._freed is None:
@@ -180,16 +207,12 @@ class Limiter:
         """Let a request of `sequences` sequences in and reserve `tokens` of the tenant's budget, or raise 429
         (a tenant limit), 400 (a request that no limit could ever admit) or 503 (the gateway is full). With
         `fair`, `_OverShare` when the tenant is over its contended share (see `acquire`)."""
+        self._refuse_impossible(limits, sequences)
         concurrent = limits.get("max_concurrent_requests")
-        if concurrent is not None:
-            if sequences > concurrent:
-                raise BadRequest(f"This request runs {sequences} sequences (prompts x n) at once, more than this "
-                                 f"tenant's limit of {concurrent}.", param="n", code="too_many_sequences")
-            if self.running[tenant] + sequences > concurrent:
-                raise RateLimited(f"More than {concurrent} concurrent sequences for this tenant.", retry_after=1)
-        share = self.contended_share
-        if fair and share is not None and self.running[tenant] + sequences > share and self._contended(tenant):
-            raise _OverShare  # a request wider than the share itself waits for a moment without contention
+        if concurrent is not None and self.running[tenant] + sequences > concurrent:
+            raise RateLimited(f"More than {concurrent} concurrent sequences for this tenant.", retry_after=1)
+        if fair:
+            self._wait_when_over_share(tenant, sequences)
         rpm = limits.get("requests_per_minute")
         if rpm is not None:
             bucket = self.requests.setdefault(tenant, _Bucket(rpm, rpm))
@@ -203,12 +226,7 @@ class Limiter:
             if bucket.refill(tpm) < need:
                 raise RateLimited(f"More than {tpm} tokens per minute for this tenant (this request reserves "
                                   f"{tokens}).", retry_after=bucket.wait_for(need))
-        if sequences > self.max_in_flight:
-            raise BadRequest(f"This request runs {sequences} sequences at once, more than this server takes.",
-                             param="n", code="too_many_sequences")
-        if self.in_flight + sequences > self.max_in_flight:
-            raise EngineUnavailable("The server is at capacity; try again shortly.", code="server_busy",
-                                    retry_after=1)
+        self._refuse_when_full(sequences)
         if rpm is not None:
             self.requests[tenant].level -= 1
         if tpm is not None:
@@ -216,6 +234,26 @@ class Limiter:
         ticket = Ticket(self, tenant, sequences, tokens if tpm is not None else 0, tpm)
         self._start_running(ticket)
         return ticket
+
+    def _refuse_impossible(self, limits: dict, sequences: int) -> None:
+        """400 for a request wider than any limit could ever admit."""
+        concurrent = limits.get("max_concurrent_requests")
+        if concurrent is not None and sequences > concurrent:
+            raise BadRequest(f"This request runs {sequences} sequences (prompts x n) at once, more than this "
+                             f"tenant's limit of {concurrent}.", param="n", code="too_many_sequences")
+        if sequences > self.max_in_flight:
+            raise BadRequest(f"This request runs {sequences} sequences at once, more than this server takes.",
+                             param="n", code="too_many_sequences")
+
+    def _wait_when_over_share(self, tenant: str, sequences: int) -> None:
+        share = self.contended_share
+        if share is not None and self.running[tenant] + sequences > share and self._contended(tenant):
+            raise _OverShare  # a request wider than the share itself waits for a moment without contention
+
+    def _refuse_when_full(self, sequences: int) -> None:
+        if self.in_flight + sequences > self.max_in_flight:
+            raise EngineUnavailable("The server is at capacity; try again shortly.", code="server_busy",
+                                    retry_after=1)
 
     def _start_running(self, ticket: Ticket) -> None:
         self.in_flight += ticket.sequences
@@ -257,6 +295,10 @@ class Limiter:
         if ticket._running:
             self._stop_running(ticket)
         tpm = ticket.tokens_per_minute
+        if ticket.shared:
+            self.shared.release(ticket.tenant, ticket.sequences, tokens_back=(ticket.reserved - tokens) if tpm else 0,
+                                tokens_per_minute=tpm)
+            return
         if tpm is not None:
             bucket = self.tokens.setdefault(ticket.tenant, _Bucket(tpm, tpm))
             bucket.refill(tpm)
