@@ -15,6 +15,7 @@ from server.engine.supervisor import ChildSupervisor, engine_command, engine_env
 from server.observability.metrics import Metrics
 from server.observability.metrics_state import metrics_state
 from server.observability.traffic import TrafficHistory
+from server.publishing.canary import CanaryWatch
 from server.serving.cache_salt import CacheSalts, load_or_create_secret
 from server.serving.limits import Limiter
 from server.serving.shared_counts import SharedCounts
@@ -41,6 +42,7 @@ class Services:
     draining: bool = False
     evaluating: set[str] = field(default_factory=set)  # tenants with an evaluation running (one at a time)
     traffic: TrafficHistory = field(init=False)  # the console's recent traffic, from `metrics`
+    canaries: CanaryWatch = field(default_factory=CanaryWatch)  # this gateway's counts of running canaries
 
     def __post_init__(self) -> None:
         self.traffic = TrafficHistory(self.metrics)

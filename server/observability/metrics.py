@@ -40,6 +40,9 @@ class Metrics:
         self.overhead = Histogram("loraserve_gateway_overhead_seconds",
                                   "Time in the gateway before the engine got the request (adapter loads excluded).",
                                   per_adapter, buckets=_OVERHEAD, registry=r)
+        self.version_requests = Counter(
+            "loraserve_version_requests", "Answers (result `ok`) and server errors (`error`) of each adapter version.",
+            [*per_adapter, "version", "result"], registry=r)
         self.cold_starts = Counter("loraserve_cold_start_requests", "Requests that waited for an adapter load.",
                                    per_adapter, registry=r)
         self.rejections = Counter("loraserve_rejections", "Requests refused, by reason.", ["reason"], registry=r)
@@ -94,12 +97,14 @@ class RequestRecorder:
         self.prompt_tokens = self.completion_tokens = 0
         self.prompt_estimate = 0  # charged when a client leaves before the engine reported any usage
         self.status: int | None = None
+        self.version: int | None = None  # the adapter version that served it
         self._usage_seen = False
         self._first = False
         self._sent = False
         self._done = False
         # Gets the tokens used, or None when unknown (a client left before a whole answer it never saw).
         self.on_finish: Callable[[int | None], None] = lambda tokens: None
+        self.on_status: Callable[[int], None] = lambda status: None  # gets the final status
 
     def engine_sent(self, load_seconds: float) -> None:
         """Called once per engine tried; the gateway's overhead counts up to the first try."""
@@ -140,6 +145,10 @@ class RequestRecorder:
         if status == 200:
             self.first_token()  # a non-streamed answer's first token arrives with its last
         self.metrics.requests.labels(self.tenant, self.adapter, self.route, str(status)).inc()
+        if self.version is not None and (status == 200 or status >= 500):
+            self.metrics.version_requests.labels(self.tenant, self.adapter, str(self.version),
+                                                 "ok" if status == 200 else "error").inc()
+        self.on_status(status)
         self.metrics.duration.labels(self.tenant, self.adapter).observe(time.perf_counter() - self.started)
 
 

@@ -37,7 +37,10 @@ if TYPE_CHECKING:  # the composition root, above this package: only its type
 log = logging.getLogger("loraserve.lifecycle")
 
 
-async def publish(services: Services, source: Path, tenant: str, name: str, origin: str) -> PublishedVersion:
+async def publish(services: Services, source: Path, tenant: str, name: str, origin: str,
+                  activate: bool = True) -> PublishedVersion:
+    """Publish, load and evaluate a new version; then its promotion policy decides whether it becomes active, or,
+    with `activate` false, it stays published only (for `NAME@N` or a canary)."""
     published = await run_in_threadpool(
         services.registry.publish, source, tenant, name, origin=origin, activate=False
     )
@@ -54,7 +57,12 @@ async def publish(services: Services, source: Path, tenant: str, name: str, orig
             ) from exc
     # Where the adapter has a golden set the version is evaluated first, and its promotion policy decides.
     report = await promotion.evaluate(services, tenant, name, published.version)
-    await promotion.promote(services, tenant, name, published.version, report, origin)
+    if activate:
+        await promotion.promote(services, tenant, name, published.version, report, origin)
+        return published
+    if report is not None:
+        await run_in_threadpool(services.store.save_evaluation, tenant, name, published.version, report)
+    services.pool.retire([model])  # loaded again by its first request
     return published
 
 

@@ -15,6 +15,7 @@ from adapters.names import engine_name, is_valid_name
 from adapters.registry import Registry
 from server.config import Settings
 from server.errors import Forbidden, ModelNotFound, Unauthorized
+from server.serving.canary_split import serving_version
 from server.storage.store import KeyIdentity, Store, Tenant
 
 log = logging.getLogger("loraserve.tenancy")
@@ -75,21 +76,26 @@ def authenticate_tenant(
 
 @dataclass(frozen=True)
 class ModelRoute:
-    """Where a request goes: the base model (adapter None) or one adapter version."""
+    """Where a request goes: the base model (adapter None) or one adapter version. `canary` and `stable`: the
+    adapter's canary and active version when the version was chosen by the canary's split."""
 
     requested: str
     engine_model: str
     adapter: str | None = None
     version: int | None = None
     path: Path | None = None
+    canary: dict | None = None
+    stable: int | None = None
 
 
-def resolve_model(settings: Settings, store: Store, registry: Registry, tenant: Tenant, model: str) -> ModelRoute:
-    """Apply the model-name rule of the design, inside `tenant`."""
+def resolve_model(settings: Settings, store: Store, registry: Registry, tenant: Tenant, model: str,
+                  sticky: str | None = None) -> ModelRoute:
+    """Apply the model-name rule of the design, inside `tenant`. `sticky` keeps a canary's split stable per end
+    user (`server.serving.canary_split`)."""
     if model in {tenant.id, DEFAULT_MODEL, settings.default_model_alias}:
         if tenant.default_adapter is None:
             return ModelRoute(model, settings.served_model_name)
-        return _adapter_route(settings, store, registry, tenant, model, tenant.default_adapter, None)
+        return _adapter_route(settings, store, registry, tenant, model, tenant.default_adapter, None, sticky)
     if model == settings.served_model_name:
         return ModelRoute(model, settings.served_model_name)
     name, sep, version_text = model.partition("@")
@@ -101,18 +107,22 @@ def resolve_model(settings: Settings, store: Store, registry: Registry, tenant: 
         version = int(version_text)
     if not is_valid_name(name):
         raise ModelNotFound(model)
-    return _adapter_route(settings, store, registry, tenant, model, name, version)
+    return _adapter_route(settings, store, registry, tenant, model, name, version, sticky)
 
 
-def _adapter_route(settings, store, registry, tenant, requested, name, version) -> ModelRoute:
+def _adapter_route(settings, store, registry, tenant, requested, name, version, sticky=None) -> ModelRoute:
     adapter = store.get_adapter(tenant.id, name)
     if adapter is None:
         raise ModelNotFound(requested)
-    version = adapter.active_version if version is None else version
+    split = version is None and adapter.canary is not None
+    version = serving_version(adapter, sticky) if version is None else version
     if version is None or version not in adapter.versions:
         raise ModelNotFound(requested)
     path = registry.version_path(tenant.id, name, version)
     if not path.is_dir():
         log.error("registry is missing %s/%s version %s", tenant.id, name, version)
         raise ModelNotFound(requested)
+    if split:
+        return ModelRoute(requested, engine_name(tenant.id, name, version), name, version, path, adapter.canary,
+                          adapter.active_version)
     return ModelRoute(requested, engine_name(tenant.id, name, version), name, version, path)

@@ -54,6 +54,7 @@ class AdapterView:
     golden_set: str | None = None  # the file id of the set its versions are evaluated on
     promotion: str = "always"  # when a new version becomes active (`server.publishing.promotion`)
     max_forgetting: float | None = None
+    canary: dict | None = None  # the candidate version taking a share of `NAME` (`server.publishing.canary`)
 
 
 class AdapterRecords:
@@ -214,7 +215,30 @@ class AdapterRecords:
             previous, adapter.active_version = adapter.active_version, version
             if row.state == "unverified" and previous != version:
                 row.fallback_version = previous
+            adapter.canary = None  # a new active version ends a canary (promoting its candidate, or not)
             return previous
+
+    def set_canary(self, tenant_id: str, name: str, canary: dict | None, *, if_started: str | None = None) -> bool:
+        """Start (`canary`) or end (None) the adapter's canary. The candidate must be a version other than the
+        active one, and not `refused`. With `if_started`, only the canary started then is ended (a rollback
+        decided on old counts does not end a newer canary); returns whether anything changed."""
+        with self.session() as s:
+            adapter = self._existing_adapter(s, tenant_id, name, lock=True)
+            if if_started is not None and (adapter.canary or {}).get("started") != if_started:
+                return False
+            if canary is not None:
+                row = next((v for v in adapter.versions if v.version == canary["version"]), None)
+                if row is None:
+                    raise Missing(f"adapter '{name}' has no version {canary['version']}")
+                if row.version == adapter.active_version:
+                    raise Conflict(f"version {row.version} is the active version; a canary needs another one")
+                if row.state == "refused":
+                    raise Conflict(f"version {row.version} was refused by the inference engine")
+                if adapter.active_version is None:
+                    raise Conflict(f"adapter '{name}' has no active version to compare a canary with")
+            changed = adapter.canary != canary
+            adapter.canary = canary
+            return changed
 
     def update_adapter(self, tenant_id: str, name: str, **fields) -> None:
         """Set the adapter's `golden_set`, `promotion` and `max_forgetting` (those given)."""
@@ -266,6 +290,8 @@ class AdapterRecords:
                 raise Missing(f"adapter '{name}' has no version {version}")
             if adapter.active_version == version:
                 raise Conflict(f"version {version} is active; activate another version or delete the adapter")
+            if (adapter.canary or {}).get("version") == version:
+                adapter.canary = None
             adapter.versions.remove(row)
 
     def delete_adapter(self, tenant_id: str, name: str) -> list[int]:
@@ -317,4 +343,5 @@ def _view(adapter: Adapter) -> AdapterView:
         tenant_id=adapter.tenant_id, name=adapter.name, active_version=adapter.active_version,
         versions=tuple(v.version for v in details), created_at=adapter.created_at, version_details=details,
         golden_set=adapter.golden_set, promotion=adapter.promotion, max_forgetting=adapter.max_forgetting,
+        canary=adapter.canary,
     )

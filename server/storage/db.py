@@ -53,6 +53,9 @@ class Adapter(Base):
     # replaces, on the golden set), `if_better_and_retains` (and the general set's loss rises at most max_forgetting).
     promotion: Mapped[str] = mapped_column(String(32), default="always", server_default="always")
     max_forgetting: Mapped[float | None] = mapped_column(Float)
+    # A candidate version taking a share of `NAME`'s requests (`server.publishing.canary`): version, weight (percent),
+    # the rollback thresholds and when it started; None: the active version takes them all.
+    canary: Mapped[dict | None] = mapped_column(JSON)
     versions: Mapped[list[AdapterVersion]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", order_by="AdapterVersion.version"
     )

@@ -279,6 +279,25 @@ class VersionOut(BaseModel):
     awaiting_evaluation: bool = Field(False, description="Whether it becomes active waits for its evaluation.")
 
 
+class CanaryRequest(BaseModel):
+    """A candidate version for a share of `NAME`'s requests, and when it is rolled back by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=1_000_000_000, description="The candidate: a published version, not the active one.")
+    weight: int = Field(ge=1, le=99, description="Percent of `NAME`'s requests it serves.")
+    max_error_rate_increase: float = Field(
+        0.05, ge=0, le=1, description="Rolled back once its error rate is more than this (a fraction) above the "
+                                      "active version's, counted from `min_requests` of its requests on.")
+    min_requests: int = Field(20, ge=1, le=1_000_000, description="Its requests before its error rate is judged.")
+    max_score_drop: float = Field(
+        0.05, ge=0, le=1, description="Rolled back (or not started) when its golden-set similarity is more than this "
+                                      "below the active version's.")
+
+
+class CanaryOut(CanaryRequest):
+    started: str = Field(description="When it started (UTC, ISO 8601).")
+
+
 class AdapterOut(BaseModel):
     tenant: str
     name: str
@@ -287,6 +306,7 @@ class AdapterOut(BaseModel):
     golden_set: str | None = Field(None, description="The file its versions are evaluated on.")
     promotion: str = Field("always", description="When a new version becomes active.")
     max_forgetting: float | None = None
+    canary: CanaryOut | None = Field(None, description="A candidate version taking a share of `model`'s requests.")
     versions: list[VersionOut]
 
     @classmethod
@@ -300,7 +320,8 @@ class AdapterOut(BaseModel):
         ]
         return cls(tenant=adapter.tenant_id, name=adapter.name, model=adapter.name,
                    active_version=adapter.active_version, golden_set=adapter.golden_set,
-                   promotion=adapter.promotion, max_forgetting=adapter.max_forgetting, versions=versions)
+                   promotion=adapter.promotion, max_forgetting=adapter.max_forgetting,
+                   canary=CanaryOut(**adapter.canary) if adapter.canary else None, versions=versions)
 
 
 class AdapterUpdate(BaseModel):

@@ -19,7 +19,7 @@ from server.api.paging import AdminLimit, After
 from server.api.routes.adapters import ReportFormat, report_response
 from server.errors import as_api_error
 from server.evaluation import runs
-from server.publishing import lifecycle
+from server.publishing import canary, lifecycle
 from server.publishing.uploads import quota_error, staged_upload
 from server.services import Services
 from server.storage.store import KeyIdentity, OverQuota
@@ -28,6 +28,7 @@ from server.wire.openai import (
     AdapterOut,
     AdapterUpdate,
     AuditOut,
+    CanaryRequest,
     KeyOut,
     TenantCreate,
     TenantLimits,
@@ -40,8 +41,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @asynccontextmanager
-async def audited(services: Services, admin: KeyIdentity, action: str, obj: str):
-    """Record the action and how it ended (`ok`, or the HTTP status it was refused with)."""
+async def audited(services: Services, admin: KeyIdentity, action: str, obj: str, detail: str | None = None):
+    """Record the action and how it ended (`ok`, with `detail`, or the HTTP status it was refused with)."""
     try:
         yield
     except Exception as exc:
@@ -49,7 +50,7 @@ async def audited(services: Services, admin: KeyIdentity, action: str, obj: str)
         result, detail = (f"refused {error.status}", error.message) if error else ("failed", type(exc).__name__)
         await run_in_threadpool(services.store.audit, admin.key_id, action, obj, result, detail)
         raise
-    await run_in_threadpool(services.store.audit, admin.key_id, action, obj, "ok")
+    await run_in_threadpool(services.store.audit, admin.key_id, action, obj, "ok", detail)
 
 
 def _tenant_out(tenant) -> TenantOut:
@@ -142,8 +143,11 @@ async def upload_adapter(
     archive: Annotated[UploadFile | None, File(description="The adapter as .tar.gz or .zip")] = None,
     files: Annotated[list[UploadFile] | None, File(description="adapter_config.json, adapter_model.safetensors")]
     = None,
+    activate: Annotated[bool, Form(description="false: publish only (for NAME@N or a canary); the active version "
+                                               "stays")] = True,
 ) -> AdapterOut:
-    """Validate and publish a new immutable version, load it on the engine, then make it active."""
+    """Validate and publish a new immutable version, load it on the engine, then make it active (as the adapter's
+    promotion policy says), unless `activate` is false."""
     async with audited(services, admin, "adapter.upload", f"{tenant}/{name[:63]}"):
         check_name(tenant, "tenant")
         check_name(name, "adapter")
@@ -151,7 +155,7 @@ async def upload_adapter(
             await run_in_threadpool(services.store.require_tenant, tenant)
             with staged_upload(services.settings, services.registry.staging, archive, files) as folder:
                 try:
-                    await lifecycle.publish(services, folder, tenant, name, origin="upload")
+                    await lifecycle.publish(services, folder, tenant, name, origin="upload", activate=activate)
                 except OverQuota as exc:
                     raise quota_error(exc) from exc
         except Exception as exc:
@@ -184,6 +188,23 @@ async def activate_adapter(
     return await run_in_threadpool(_adapter_out, services, tenant, name)
 
 
+@router.put("/tenants/{tenant}/adapters/{name}/canary")
+async def start_canary(tenant: str, name: str, body: CanaryRequest, admin: AdminDep,
+                       services: ServicesDep) -> AdapterOut:
+    """A candidate version serves `weight` percent of `NAME`'s requests until it is stopped, promoted (activate
+    it) or rolled back by itself."""
+    async with audited(services, admin, "adapter.canary.start", f"{tenant}/{name}@{body.version}",
+                       detail=f"weight {body.weight}%"):
+        await canary.start(services, check_name(tenant, "tenant"), check_name(name, "adapter"), body.model_dump())
+    return await run_in_threadpool(_adapter_out, services, tenant, name)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/canary", status_code=204)
+async def stop_canary(tenant: str, name: str, admin: AdminDep, services: ServicesDep) -> None:
+    async with audited(services, admin, "adapter.canary.stop", f"{tenant}/{name}"):
+        await canary.stop(services, check_name(tenant, "tenant"), check_name(name, "adapter"))
+
+
 @router.delete("/tenants/{tenant}/adapters/{name}", status_code=204)
 async def delete_adapter(tenant: str, name: str, admin: AdminDep, services: ServicesDep) -> None:
     async with audited(services, admin, "adapter.delete", f"{tenant}/{name}"):
@@ -209,8 +230,10 @@ async def update_adapter(tenant: str, name: str, body: AdapterUpdate, admin: Adm
 async def evaluate_version(tenant: str, name: str, version: int, admin: AdminDep, services: ServicesDep) -> dict:
     """Evaluate the version on the adapter's golden set now; the report is stored with it."""
     async with audited(services, admin, "adapter.evaluate", f"{tenant}/{name}@{version}"):
-        return await runs.evaluate_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"),
-                                           version)
+        report = await runs.evaluate_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"),
+                                             version)
+    await canary.after_evaluation(services, tenant, name)  # a canary this report rules out is rolled back
+    return report
 
 
 @router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/evaluation", response_model=None)

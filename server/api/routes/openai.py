@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from fastapi import APIRouter, Request
@@ -11,6 +12,7 @@ from starlette.responses import Response
 from server.api.deps import ServicesDep, TenantDep
 from server.errors import BadRequest, NotFound, as_api_error
 from server.observability.metrics import RequestRecorder
+from server.publishing import canary
 from server.services import Services
 from server.serving.bounds import check_request_bounds
 from server.serving.budget import plan_cost
@@ -89,10 +91,13 @@ async def _generate(
                                                 tokens=cost.reserved_tokens)
         recorder.on_finish = ticket.release
         ticket.preemptible = not body.stream  # nothing is sent before the end: it may run again
+        sticky = body.user or request.headers.get("x-request-id")  # keeps a canary's split per end user
         route = await run_in_threadpool(
-            resolve_model, services.settings, services.store, services.registry, tenant, body.model
+            resolve_model, services.settings, services.store, services.registry, tenant, body.model, sticky
         )
-        recorder.adapter = route.adapter or "base"
+        recorder.adapter, recorder.version = route.adapter or "base", route.version
+        if route.canary is not None:
+            recorder.on_status = functools.partial(canary.finished, services, tenant.id, route)
         return await forward(services.pool, route, endpoint, body, recorder,
                              cache_salt=services.cache_salts.for_tenant(tenant.id),
                              client_gone=lambda: _disconnected(request), ticket=ticket)
