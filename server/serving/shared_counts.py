@@ -172,6 +172,8 @@ class SharedCounts:
         """This gateway started serving a version (sent in the background)."""
         key = f"{PREFIX}in-use:{engine_model}"
         self.mine[key] += 1
+        if self._skip(key):
+            return
         self._post(self._send_use(key))
 
     def done_with(self, engine_model: str) -> None:
@@ -201,7 +203,17 @@ class SharedCounts:
         self.mine[key] -= count
         if self.mine[key] <= 0:
             del self.mine[key]
+        if self._skip(key):
+            return
         self._post(self._send_release(key, count, bucket, tokens_back, tpm))
+
+    def _skip(self, key: str) -> bool:
+        """While the store is taken as down, nothing is sent (a hung store must not queue a call per request):
+        the next heartbeat that reaches it writes this gateway's count instead (unused tokens stay charged)."""
+        if self.available():
+            return False
+        self._dirty.add(key)
+        return True
 
     async def _send_release(self, key: str, count: int, bucket: str, tokens_back: int, tpm: int) -> None:
         try:
