@@ -75,8 +75,8 @@ def legacy_tables() -> MetaData:
     for added_by_later in ("state", "fallback_version", "evaluation", "promotion_due"):  # 0003, 0006
         versions._columns.remove(versions.c[added_by_later])
     adapters = legacy.tables["adapters"]
-    for added_by_0006 in ("golden_set", "promotion", "max_forgetting"):
-        adapters._columns.remove(adapters.c[added_by_0006])
+    for added_by_later in ("golden_set", "promotion", "max_forgetting", "canary"):  # 0006, 0007
+        adapters._columns.remove(adapters.c[added_by_later])
     jobs = legacy.tables["fine_tuning_jobs"]
     for added_by_later in ("metadata", "result_files", "checkpoints", "method"):  # 0004, 0005
         jobs._columns.remove(jobs.c[added_by_later])
