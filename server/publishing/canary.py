@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters.names import engine_name
 from server.errors import Conflict, EngineUnavailable
+from server.evaluation import runs
 from server.serving.tenancy import ModelRoute
 from server.storage.adapter_records import AdapterView
 from server.storage.db import utcnow
@@ -129,6 +130,13 @@ def finished(services: Services, tenant: str, route: ModelRoute, status: int) ->
     reason = services.canaries.record(tenant, route, status == 200)
     if reason is not None:
         services.canaries.spawn(roll_back(services, tenant, route.adapter, route.canary, reason))
+
+
+async def evaluate(services: Services, tenant: str, name: str, version: int) -> dict:
+    """Evaluate a version now (`runs.evaluate_version`), then judge a running canary on the new report."""
+    report = await runs.evaluate_version(services, tenant, name, version)
+    await after_evaluation(services, tenant, name)
+    return report
 
 
 async def after_evaluation(services: Services, tenant: str, name: str) -> None:

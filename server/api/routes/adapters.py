@@ -15,6 +15,7 @@ from adapters.names import check_name
 from server.api.deps import ServicesDep, TenantDep
 from server.api.paging import AdminLimit, After
 from server.evaluation import runs
+from server.publishing import canary
 from server.wire.openai import AdapterOut, AdapterUpdate
 from server.wire.pages import Page
 
@@ -48,7 +49,7 @@ async def update_adapter(name: str, body: AdapterUpdate, tenant: TenantDep, serv
 @router.post("/{name}/versions/{version}/evaluate")
 async def evaluate_version(name: str, version: int, tenant: TenantDep, services: ServicesDep) -> dict:
     """Evaluate the version on the adapter's golden set now, on the engine that serves it; the report is stored."""
-    return await runs.evaluate_version(services, tenant.id, check_name(name, "adapter"), version)
+    return await canary.evaluate(services, tenant.id, check_name(name, "adapter"), version)
 
 
 @router.get("/{name}/versions/{version}/evaluation", response_model=None)

@@ -230,10 +230,7 @@ async def update_adapter(tenant: str, name: str, body: AdapterUpdate, admin: Adm
 async def evaluate_version(tenant: str, name: str, version: int, admin: AdminDep, services: ServicesDep) -> dict:
     """Evaluate the version on the adapter's golden set now; the report is stored with it."""
     async with audited(services, admin, "adapter.evaluate", f"{tenant}/{name}@{version}"):
-        report = await runs.evaluate_version(services, check_name(tenant, "tenant"), check_name(name, "adapter"),
-                                             version)
-    await canary.after_evaluation(services, tenant, name)  # a canary this report rules out is rolled back
-    return report
+        return await canary.evaluate(services, check_name(tenant, "tenant"), check_name(name, "adapter"), version)
 
 
 @router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/evaluation", response_model=None)
