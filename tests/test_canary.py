@@ -15,6 +15,7 @@ from server.publishing.canary import Tally, judge_errors, judge_scores
 from server.serving.canary_split import split_bucket
 from server.storage.adapter_records import AdapterView, VersionView
 from server.storage.db import utcnow
+from tests.test_evaluation import BRIEF, QUESTIONS, chat, jsonl
 
 CANARY = {"version": 2, "weight": 10, "max_error_rate_increase": 0.05, "min_requests": 20, "max_score_drop": 0.05,
           "started": "2026-12-07T00:00:00"}
@@ -183,3 +184,30 @@ def test_a_candidate_that_fails_is_rolled_back_by_itself(gateway, two_versions):
     assert [ask(gateway, key, user=f"user-{i}") for i in range(10)] == [200] * 10
     assert delta(before, served(gateway, "canary-fail")) == {("1", "ok"): 10}
     assert served(gateway, "canary-fail")["2", "error"] >= 3
+
+
+def test_a_running_canary_whose_new_evaluation_is_worse_is_rolled_back(gateway, two_versions):
+    """The golden-set rule on a running canary: a golden set of version 1's own answers, then an evaluation of
+    version 2 (through the admin route) that answers it worse; the canary ends, audited with the scores."""
+    key = two_versions("canary-score")
+    client = gateway.client(key)
+    references = []
+    for question in QUESTIONS:
+        reply = client.chat.completions.create(model="bot@1", temperature=0, max_tokens=200,
+                                               messages=chat(question, None, BRIEF)["messages"]).choices[0]
+        assert reply.finish_reason == "stop", (question, reply.message.content)  # a whole answer
+        references.append(chat(question, reply.message.content, BRIEF))
+    golden_set = client.files.create(file=("golden.jsonl", jsonl(references)), purpose="evals").id
+    assert gateway.admin("PATCH", "/tenants/canary-score/adapters/bot",
+                         json={"golden_set": golden_set}).status_code == 200
+    url = "/tenants/canary-score/adapters/bot"
+    assert gateway.admin("PUT", f"{url}/canary", json={"version": 2, "weight": 10, "max_score_drop": 0}).status_code \
+        == 200  # no evaluation yet: nothing rules it out
+    report = gateway.admin("POST", f"{url}/versions/2/evaluate")
+    assert report.status_code == 200, report.text
+    golden = report.json()["golden"]
+    assert golden["replaces"]["version"] == 1 and golden["adapter"]["similarity"] < golden["replaces"]["similarity"]
+    assert gateway.admin("GET", url).json()["canary"] is None
+    audit = gateway.admin("GET", "/audit", params={"limit": 20}).json()["data"]
+    rollback = next(r for r in audit if r["action"] == "adapter.canary.rollback")
+    assert rollback["object"] == "canary-score/bot@2" and "golden-set similarity" in rollback["detail"]
