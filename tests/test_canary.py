@@ -153,6 +153,12 @@ def test_a_canary_is_refused_when_it_cannot_be_one(gateway, two_versions):
     assert gateway.admin("PUT", url, json={"version": 2, "weight": 10, "max_score_drop": 0.5}).status_code == 200
     assert gateway.admin("DELETE", url).status_code == 204
     assert gateway.admin("GET", "/tenants/canary-refused/adapters/bot").json()["canary"] is None
+    # A new version made active by its upload ends a canary: the version it was compared with is gone.
+    assert gateway.admin("PUT", url, json={"version": 2, "weight": 10, "max_score_drop": 0.5}).status_code == 200
+    source = gateway.adapter_sources["beta", "support"]
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(source.iterdir())]
+    third = gateway.admin("POST", "/tenants/canary-refused/adapters", data={"name": "bot"}, files=files).json()
+    assert third["active_version"] == 3 and third["canary"] is None
 
 
 def test_a_candidate_that_fails_is_rolled_back_by_itself(gateway, two_versions):

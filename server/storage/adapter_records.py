@@ -150,7 +150,7 @@ class AdapterRecords:
                 AdapterVersion.adapter_id == adapter_id, AdapterVersion.version == version))
             done = s.execute(update(Adapter).where(
                 Adapter.id == adapter_id, or_(Adapter.active_version.is_(None), Adapter.active_version < version),
-            ).values(active_version=version))
+            ).values(active_version=version, canary=None))  # a new active version ends a canary
             return done.rowcount == 1, previous
 
     def mark_verified(self, tenant_id: str, name: str, version: int) -> bool:
@@ -175,6 +175,8 @@ class AdapterRecords:
             if marked.rowcount != 1:
                 return None
             adapter = self._existing_adapter(s, tenant_id, name, lock=True)  # SQLite: under the write lock now
+            if (adapter.canary or {}).get("version") == version:
+                adapter.canary = None  # a refused candidate serves nothing
             if adapter.active_version != version:
                 return False, adapter.active_version
             adapter.active_version = _fallback(adapter, version)
