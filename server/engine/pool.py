@@ -92,7 +92,6 @@ class EnginePool:
         self.observer = observer or PoolObserver()
         self.routing, self.capacity, self.max_failures = routing, capacity, max_failures
         self.leases = leases
-        self._serving: Counter[str] = Counter()  # requests running per version, on all engines
         # (engine name, path) of the adapter that base-model requests are served through; None: the base
         # model itself (see `adapters.zero`).
         self.base_stand_in: tuple[str, str] | None = None
@@ -197,8 +196,7 @@ class EnginePool:
         while True:
             slot = self._choose(engine_model, avoid)
             slot.running[engine_model] += 1  # counted at once, so concurrent choices see it busy
-            self._serving[engine_model] += 1
-            if self._serving[engine_model] == 1 and self.leases is not None:
+            if self.leases is not None and self._serving(engine_model) == 1:
                 self.leases.use(engine_model)
             try:
                 load_seconds = 0.0
@@ -227,11 +225,12 @@ class EnginePool:
         slot.running[engine_model] -= 1
         if slot.running[engine_model] <= 0:
             del slot.running[engine_model]
-        self._serving[engine_model] -= 1
-        if self._serving[engine_model] <= 0:
-            del self._serving[engine_model]
-            if self.leases is not None:
-                self.leases.done_with(engine_model)
+        if self.leases is not None and self._serving(engine_model) == 0:
+            self.leases.done_with(engine_model)
+
+    def _serving(self, engine_model: str) -> int:
+        """Requests running on this version, on all engines."""
+        return sum(s.running[engine_model] for s in self.slots)
 
     async def preload(self, engine_model: str, adapter_path: str) -> None:
         """Load a version before its first request, on the engine that would serve it. The version is

@@ -87,10 +87,10 @@ if tpm >= 0 then store(KEYS[3], budget - tokens) end
 return {'ok', ''}
 """
 # KEYS: a hash of counts per gateway (the tenant's running sequences, a version's use), the tenant's token
-# bucket. ARGV: gateway, count to give back, tokens/minute (-1: none), tokens to give back (the reservation less
-# what was used; negative when more was used).
-_RELEASE = _LEVEL + """
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+# bucket. ARGV: gateway, change of its count (negative: given back), tokens/minute (-1: none), tokens to give
+# back (the reservation less what was used; negative when more was used).
+_CHANGE = _LEVEL + """
+local left = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
 if left <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 local tpm, back = tonumber(ARGV[3]), tonumber(ARGV[4])
 if tpm >= 0 and back ~= 0 then store(KEYS[2], level(KEYS[2], tpm) + back) end
@@ -117,7 +117,7 @@ class SharedCounts:
         self.beat_interval, self.retry_after, self.on_state = beat_interval, retry_after, on_state
         self._beat_key = f"{PREFIX}gateway:{self.gateway}"
         self._admit = self.redis.register_script(_ADMIT)
-        self._release = self.redis.register_script(_RELEASE)
+        self._change = self.redis.register_script(_CHANGE)
         self._elsewhere = self.redis.register_script(_ELSEWHERE)
         self.mine: Counter[str] = Counter()  # what this gateway holds in the store, by hash key
         self._dirty: set[str] = set()  # hash keys whose field for this gateway may be wrong: written at the next beat
@@ -165,26 +165,22 @@ class SharedCounts:
     def release(self, tenant: str, sequences: int, *, tokens_back: int, tokens_per_minute: int | None) -> None:
         """Give back an admitted request's sequences, and the part of its reservation it did not use (or charge
         what it used beyond it), in the background."""
-        self._drop(_key(tenant, "running"), sequences, _key(tenant, "tokens"), tokens_back,
-                   -1 if tokens_per_minute is None else tokens_per_minute)
+        self._add(_key(tenant, "running"), -sequences, _key(tenant, "tokens"), tokens_back,
+                  -1 if tokens_per_minute is None else tokens_per_minute)
 
     def use(self, engine_model: str) -> None:
         """This gateway started serving a version (sent in the background)."""
-        key = f"{PREFIX}in-use:{engine_model}"
-        self.mine[key] += 1
-        if self._skip(key):
-            return
-        self._post(self._send_use(key))
+        self._add(_in_use(engine_model), 1)
 
     def done_with(self, engine_model: str) -> None:
         """This gateway stopped serving a version (sent in the background)."""
-        self._drop(f"{PREFIX}in-use:{engine_model}", 1)
+        self._add(_in_use(engine_model), -1)
 
     async def used_elsewhere(self, engine_model: str) -> bool:
         """Whether another live gateway serves this version now; False when the store does not answer (its
         engine may then unload a version another gateway streams from, as without a store)."""
         try:
-            held = await self._elsewhere(keys=[f"{PREFIX}in-use:{engine_model}"],
+            held = await self._elsewhere(keys=[_in_use(engine_model)],
                                          args=[self.gateway, f"{PREFIX}gateway:"])
         except (RedisError, OSError) as exc:
             self._lost(exc)
@@ -192,32 +188,21 @@ class SharedCounts:
         self._reached()
         return int(held) > 0
 
-    async def _send_use(self, key: str) -> None:
-        try:
-            await self.redis.hincrby(key, self.gateway, 1)
-        except (RedisError, OSError) as exc:
-            self._dirty.add(key)
-            self._lost(exc)
-
-    def _drop(self, key: str, count: int, bucket: str = "", tokens_back: int = 0, tpm: int = -1) -> None:
-        self.mine[key] -= count
+    def _add(self, key: str, count: int, bucket: str = "", tokens_back: int = 0, tpm: int = -1) -> None:
+        """Change this gateway's count in `key` here and, in the background, in the store. While the store is
+        taken as down nothing is sent (a hung store must not queue a call per request): the next heartbeat that
+        reaches it writes this gateway's count instead (unused tokens stay charged)."""
+        self.mine[key] += count
         if self.mine[key] <= 0:
             del self.mine[key]
-        if self._skip(key):
+        if not self.available():
+            self._dirty.add(key)
             return
-        self._post(self._send_release(key, count, bucket, tokens_back, tpm))
+        self._post(self._send(key, count, bucket, tokens_back, tpm))
 
-    def _skip(self, key: str) -> bool:
-        """While the store is taken as down, nothing is sent (a hung store must not queue a call per request):
-        the next heartbeat that reaches it writes this gateway's count instead (unused tokens stay charged)."""
-        if self.available():
-            return False
-        self._dirty.add(key)
-        return True
-
-    async def _send_release(self, key: str, count: int, bucket: str, tokens_back: int, tpm: int) -> None:
+    async def _send(self, key: str, count: int, bucket: str, tokens_back: int, tpm: int) -> None:
         try:
-            await self._release(keys=[key, bucket or key], args=[self.gateway, count, tpm, tokens_back])
+            await self._change(keys=[key, bucket or key], args=[self.gateway, count, tpm, tokens_back])
         except (RedisError, OSError) as exc:
             self._dirty.add(key)  # the next heartbeat writes this gateway's count; unused tokens stay charged
             self._lost(exc)
@@ -265,9 +250,10 @@ class SharedCounts:
         self._reached()
 
     async def watch(self) -> None:
+        """Beat every `beat_interval` seconds (the first beat is the gateway's start-up's)."""
         while True:
-            await self.beat()
             await asyncio.sleep(self.beat_interval)
+            await self.beat()
 
     async def aclose(self) -> None:
         """Stop beating: other gateways stop counting this one's sequences at once."""
@@ -297,3 +283,7 @@ class SharedCounts:
 
 def _key(tenant: str, what: str) -> str:
     return f"{PREFIX}limits:{tenant}:{what}"
+
+
+def _in_use(engine_model: str) -> str:
+    return f"{PREFIX}in-use:{engine_model}"

@@ -122,7 +122,5 @@ def _adapter_route(settings, store, registry, tenant, requested, name, version, 
     if not path.is_dir():
         log.error("registry is missing %s/%s version %s", tenant.id, name, version)
         raise ModelNotFound(requested)
-    if split:
-        return ModelRoute(requested, engine_name(tenant.id, name, version), name, version, path, adapter.canary,
-                          adapter.active_version)
-    return ModelRoute(requested, engine_name(tenant.id, name, version), name, version, path)
+    return ModelRoute(requested, engine_name(tenant.id, name, version), name, version, path,
+                      adapter.canary if split else None, adapter.active_version if split else None)
