@@ -33,6 +33,14 @@ ENGINE_START_TIMEOUT = 600
 UPLOAD_LIMIT = 32 << 20
 ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
+
+
+def exactly(tokens: int) -> dict:
+    """Request fields for an answer of exactly `tokens` tokens, for tests that need the engine busy for a while.
+    `min_tokens` alone is not enough: vLLM 0.32's stop check ends a request on EOS before it looks at
+    min_tokens, trusting a logits processor to have masked EOS; `ignore_eos` takes EOS out of the check."""
+    return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
+
 # Each test engine holds ~1.6 GiB (weights, activations) plus the default 1 GiB of KV cache (~23k tokens of
 # SmolLM2), sized in bytes: vLLM's CPU worker would size it from a share of its NUMA node's memory, which left
 # none on CI's 10 GiB node ("Available memory on node 0 ... less than requested memory for kv").
@@ -188,3 +196,23 @@ def _add_tenants_and_adapters(gw: Gateway, folder: Path, base_model: Path) -> No
         source = make_peft_adapter(base_model, folder / f"{tenant_id}-{name}", seed=seed)
         registry.publish(source, tenant_id, name, origin="test")
         gw.adapter_sources[(tenant_id, name)] = source
+
+
+_ENGINE_TROUBLE = (" ERROR ", "Traceback", "EngineDeadError", "Killed", "exited with")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the session gateway reports what the engine went through: its restarts and the last
+    errors of its log. CI keeps only the test report, not the machine."""
+    outcome = yield
+    report = outcome.get_result()
+    gw = item.funcargs.get("gateway") if report.when == "call" and report.failed else None
+    if not isinstance(gw, Gateway):
+        return
+    supervisor = gw.services.supervisor
+    log = gw.settings.log_dir / "engine.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    trouble = [line[:300] for line in lines if any(word in line for word in _ENGINE_TROUBLE)][-25:]
+    report.sections.append(("engine", f"restarts: {supervisor.restarts if supervisor else 'n/a'}\n"
+                                      + "\n".join(trouble or ["(no errors in its log)"])))

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from tests.conftest import ENGINE_READ_TIMEOUT
+from tests.conftest import ENGINE_READ_TIMEOUT, exactly
 
 PROMPT = [{"role": "user", "content": "Write a long story about the sea."}]
 
@@ -24,8 +24,8 @@ def engine_running(gateway) -> float:
 
 def open_stream(gateway, client: httpx.Client, max_tokens: int = 400):
     return client.stream("POST", f"{gateway.url}/v1/chat/completions", json={
-        "model": "support", "messages": PROMPT, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-        "min_tokens": max_tokens}, headers={"Authorization": f"Bearer {gateway.tenants['alpha'].key}"})
+        "model": "support", "messages": PROMPT, "stream": True, "temperature": 0, **exactly(max_tokens)},
+        headers={"Authorization": f"Bearer {gateway.tenants['alpha'].key}"})
 
 
 def test_a_client_hanging_up_aborts_its_engine_request(gateway):
@@ -36,9 +36,10 @@ def test_a_client_hanging_up_aborts_its_engine_request(gateway):
         for _ in range(3):
             next(lines)
         # The engine's gauge is written after it sent the first tokens: wait for it (liveness, not speed).
-        deadline = time.monotonic() + 60
-        while engine_running(gateway) != 1:
-            assert time.monotonic() < deadline, "the engine never showed the stream running"
+        deadline, seen = time.monotonic() + 60, set()
+        while (running := engine_running(gateway)) != 1:
+            seen.add(running)
+            assert time.monotonic() < deadline, f"the engine never showed the stream running alone: {sorted(seen)}"
             time.sleep(0.2)
     deadline = time.monotonic() + 10
     while engine_running(gateway) != 0:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, exactly
 
 
 def engine_counter(gateway, name: str, **labels) -> float:
@@ -211,14 +211,17 @@ def test_prompt_lists_are_bounded_and_count_as_sequences(gateway):
     # (up to the refusal hold, 1 s), then is refused. The held answers are long enough (1,800 decode steps of 8
     # sequences) that no CPU finishes them within the hold; leaving the block aborts them.
     body = {"model": gateway.settings.served_model_name, "prompt": ["Once upon a time", "In a land"], "n": 4,
-            "temperature": 1, "max_tokens": 1800, "min_tokens": 1800, "stream": True}
+            "temperature": 1, "stream": True, **exactly(1800)}
     with httpx.Client(timeout=300) as client, client.stream(
             "POST", f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as held:
         assert held.status_code == 200
         lines = held.iter_lines()  # kept: a collected iterator closes the connection
-        next(lines)
+        first = next(lines)
+        tenant = gateway.services.store.identify(key).tenant_id
         blocked = completion(gateway, key, "hello")
-        assert blocked.status_code == 429, blocked.text
+        assert blocked.status_code == 429, (
+            f"{blocked.text[:200]} while the tenant ran {gateway.services.limiter.running[tenant]} sequences; "
+            f"the held stream began {first[:200]!r}")
     wait_for(lambda: completion(gateway, key, "hello").status_code == 200, "the slots were not given back")
 
 
@@ -289,8 +292,8 @@ def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(g
     preemptions = Records("loraserve.limits")
     # Long enough that all six still run when the newcomer comes, even on a fast machine (64 tokens each ended
     # before the sixth had started on CI).
-    body = {"model": gateway.settings.served_model_name, "prompt": "Once upon a time", "max_tokens": HOG_TOKENS,
-            "min_tokens": HOG_TOKENS, "temperature": 0}
+    body = {"model": gateway.settings.served_model_name, "prompt": "Once upon a time", "temperature": 0,
+            **exactly(HOG_TOKENS)}
     with ThreadPoolExecutor(6) as pool:
         hogs = [pool.submit(httpx.post, f"{gateway.url}/v1/completions", json=body, timeout=600,
                             headers={"Authorization": f"Bearer {hog_key}"}) for _ in range(6)]
@@ -309,7 +312,8 @@ def test_a_tenant_that_filled_the_engine_alone_makes_room_when_another_arrives(g
         finally:
             del limiter._start_running
         replies = [h.result() for h in hogs]
-    assert seen and seen[0] == 2, f"the hog ran {seen[:1]} sequences beside the newcomer"
+    assert seen and seen[0] == 2, (f"the hog ran {seen[:1]} sequences beside the newcomer; its answers: "
+                                   f"{[(r.status_code, r.text[-200:]) for r in replies]}")
     assert [r.status_code for r in replies] == [200] * 6, [r.text[:200] for r in replies]
     assert {r.json()["choices"][0]["text"] for r in replies} == {replies[0].json()["choices"][0]["text"]}
     assert all(r.json()["usage"]["completion_tokens"] == HOG_TOKENS for r in replies)

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.storage.store import Store
 from tests.adapter_files import write_adapter
 from tests.base_files import write_fake_base
-from tests.conftest import make_peft_adapter
+from tests.conftest import exactly, make_peft_adapter
 from tests.test_admin import new_tenant, upload_files
 from tests.test_hostile_tenant import engine_counter
 
@@ -39,8 +39,7 @@ def test_deleting_a_version_lets_its_running_stream_finish_and_removes_its_files
     headers = {"Authorization": f"Bearer {key}"}
     # Long enough that the engine is still generating when the files are checked: the gateway relays into
     # socket buffers that hold a whole short stream, so a short one can end on the engine before the delete.
-    body = {"model": "writer", "messages": PROMPT, "max_tokens": STREAM_TOKENS, "min_tokens": STREAM_TOKENS,
-            "stream": True, "temperature": 0}
+    body = {"model": "writer", "messages": PROMPT, "stream": True, "temperature": 0, **exactly(STREAM_TOKENS)}
 
     with httpx.Client(timeout=120) as client, client.stream(
             "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as response:
