@@ -49,6 +49,7 @@ class BenchServer:
                    LORASERVE_ENGINE_PORT=str(self.engine_port), LORASERVE_BASE_MODEL_PATH=str(self.model),
                    LORASERVE_ADMIN_KEY=ADMIN_KEY, LORASERVE_LOG_LEVEL="warning",
                    LORASERVE_ENGINE_MEMORY_UTILIZATION=ENGINE_MEMORY_SHARE, **self.extra_env)
+        self.env = env
         self.settings = Settings(_env_file=None, data_dir=data, base_model_path=self.model)
         store = build_store(self.settings)
         store.create_tenant("bench")

@@ -3,7 +3,9 @@
     make bench            (or: .venv/bin/python bench/overhead.py [--tokens 12] [--requests 8 32 128] [--rounds 4])
 
 Targets, all on the same vLLM engine (the gateway's embedded one): the engine itself with the base model
-(the baseline), the loraserve gateway, and LiteLLM's proxy (one worker, its default; uvicorn; master
+(the baseline), the loraserve gateway, two gateway processes taking the requests in turn (the second one on the
+same store and engine, started with LORASERVE_ENGINE_URLS and no worker: what several gateway processes on one
+host give), and LiteLLM's proxy (one worker, its default; uvicorn; master
 key, no database; provider `hosted_vllm` at the engine's /v1). When the gateway serves base-model
 requests through the all-zero LoRA adapter (LORASERVE_BASE_THROUGH_ZERO_ADAPTER=true, not the default),
 a fourth target, that adapter's name sent straight to the engine, separates that LoRA work from the relay.
@@ -19,7 +21,7 @@ chunk, or the run fails (a peer that drops `min_tokens` or buffers the stream ca
 prompt alone gets a 3-token answer, checked by one control request without `min_tokens`. The tenant's
 concurrency cap is raised to the highest level (the default 16 would refuse half of 32 with 429). The
 client (one asyncio httpx client, parsing only the chunks it needs) records its own CPU share; with at
-most 128 requests per cell, p99 is near the maximum. Each proxy's own CPU per request (its process, not the
+most 128 requests per cell, p99 is near the maximum. Each proxy's own CPU per request (its processes, not the
 engine, user + system, by psutil) is the least noisy of these figures: on 2 cores whatever a proxy spends is
 taken from the engine's front end and the client.
 
@@ -54,6 +56,7 @@ LITELLM_VENV = REPO / ".cache" / "litellm-venv"
 LITELLM_KEY = "sk-bench-litellm"
 ZERO_TARGET = "engine, zero adapter"
 GATEWAY = "loraserve gateway"
+TWO_GATEWAYS = "2 gateway processes"
 # Alone the model answers in 3 tokens (checked on each run): min_tokens is what makes every answer N long.
 PROMPT = "Reply with one word: yes or no. Is fire hot?"
 
@@ -61,10 +64,15 @@ PROMPT = "Reply with one word: yes or no. Is fire hot?"
 @dataclass
 class Target:
     name: str
-    url: str  # the chat completions endpoint
+    urls: list[str]  # chat completions endpoints, taken in turn (several: one per gateway process)
     model: str
     headers: dict[str, str] = field(default_factory=dict)
-    process: psutil.Process | None = None  # a proxy's own process: its CPU per request is measured
+    processes: list[psutil.Process] = field(default_factory=list)  # a proxy's own: its CPU per request
+    _turn: int = 0
+
+    def url(self) -> str:
+        self._turn += 1
+        return self.urls[self._turn % len(self.urls)]
 
 
 @dataclass
@@ -150,24 +158,47 @@ class LiteLLMProxy:
 
 
 class Servers(BenchServer):
-    """The gateway with its engine (BenchServer), and LiteLLM's proxy started while the engine loads."""
+    """The gateway with its engine (BenchServer), LiteLLM's proxy started while the engine loads, and a second
+    gateway process on the same store and engine (no engine or worker of its own)."""
 
     def __init__(self, litellm_venv: Path, **extra_env: str):
         super().__init__(**extra_env)
         self.litellm_venv = litellm_venv
+        self.second: subprocess.Popen | None = None
 
     def wait_ready(self, timeout: float = 900) -> None:
         self.proxy = LiteLLMProxy(self.litellm_venv, self.engine_url, self.settings.served_model_name).start()
         try:
             super().wait_ready(timeout)
             self.proxy.wait_ready()
+            self.second_url = self._start_second_gateway()
         except BaseException:
-            self.proxy.stop()
+            self.__exit__()
             raise
+
+    def _start_second_gateway(self) -> str:
+        port = free_port()
+        env = {**self.env, "LORASERVE_PORT": str(port), "LORASERVE_ENGINE_URLS": self.engine_url,
+               "LORASERVE_RUN_WORKER": "false"}
+        self.second = subprocess.Popen([sys.executable, "-m", "server.cli", "gateway"], env=env, cwd=REPO,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.second.poll() is None:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise SystemExit("the second gateway process did not become ready")
 
     def __exit__(self, *exc) -> None:
         try:
             self.proxy.stop()
+            if self.second is not None and self.second.poll() is None:
+                self.second.terminate()
+                self.second.wait(60)
         finally:
             super().__exit__(*exc)
 
@@ -181,7 +212,7 @@ async def stream_one(client: httpx.AsyncClient, target: Target, tokens: int,
         body["min_tokens"] = tokens
     first, used, chunks = None, None, 0
     started = time.perf_counter()
-    async with client.stream("POST", target.url, json=body, headers=target.headers) as response:
+    async with client.stream("POST", target.url(), json=body, headers=target.headers) as response:
         if response.status_code != 200:
             await response.aread()
             raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {response.text[:500]}")
@@ -213,11 +244,11 @@ async def run_batch(client: httpx.AsyncClient, target: Target, concurrency: int,
         async with limit:
             return await stream_one(client, target, tokens)
 
-    proxy_cpu = _cpu_seconds(target.process)
+    proxy_cpu = _cpu_seconds(target.processes)
     cpu, started = time.process_time(), time.perf_counter()
     results = await asyncio.gather(*(one() for _ in range(requests)))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    proxy_cpu = _cpu_seconds(target.process) - proxy_cpu
+    proxy_cpu = _cpu_seconds(target.processes) - proxy_cpu
     for _, used, chunks in results:
         if used != tokens:
             raise AssertionError(f"{target.name}: {used} output tokens, not {tokens} (is min_tokens forwarded?)")
@@ -234,12 +265,9 @@ async def run_batch(client: httpx.AsyncClient, target: Target, concurrency: int,
         tally.min_chunks = least if tally.min_chunks is None else min(tally.min_chunks, least)
 
 
-def _cpu_seconds(process: psutil.Process | None) -> float:
-    """User and system CPU of one process, not its children (the gateway's engine is its child)."""
-    if process is None:
-        return 0.0
-    times = process.cpu_times()
-    return times.user + times.system
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User and system CPU of the processes, not their children (the gateway's engine is its child)."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in processes))
 
 
 def p99(values: list[float]) -> float:
@@ -262,9 +290,9 @@ async def measure(targets: list[Target], levels: list[int], counts: list[int], t
         # The gateway serves the base model through an all-zero adapter (adapters/zero.py): the engine does
         # LoRA work for it that a direct base-model request skips. The same request straight to the engine
         # separates that from what the relay costs.
-        models = (await client.get(targets[0].url.replace("/chat/completions", "/models"))).json()["data"]
+        models = (await client.get(targets[0].urls[0].replace("/chat/completions", "/models"))).json()["data"]
         if any(m["id"] == ZERO_ADAPTER for m in models):
-            targets.insert(1, Target(ZERO_TARGET, targets[0].url, ZERO_ADAPTER))
+            targets.insert(1, Target(ZERO_TARGET, targets[0].urls, ZERO_ADAPTER))
             await run_batch(client, targets[1], 4, 8, warm)
         results: dict[int, dict[str, Tally]] = {}
         for concurrency, count in zip(levels, counts, strict=True):
@@ -299,14 +327,16 @@ def main() -> None:
     started = time.monotonic()
     with Servers(args.litellm_venv, LORASERVE_TENANT_MAX_CONCURRENT_REQUESTS=str(max(levels))) as server:
         model, proxy = server.settings.served_model_name, server.proxy
+        gateway = psutil.Process(server.process.pid)
         print(f"gateway, engine and LiteLLM {litellm_version()} (started alongside) ready in "
               f"{server.start_seconds:.0f} s; LiteLLM: {' '.join(proxy.command)}", flush=True)
         targets = [
-            Target("engine (direct)", f"{server.engine_url}/v1/chat/completions", model),
-            Target(GATEWAY, f"{server.url}/v1/chat/completions", model, server.auth,
-                   psutil.Process(server.process.pid)),
-            Target("LiteLLM proxy", f"{proxy.url}/v1/chat/completions", model,
-                   {"Authorization": f"Bearer {LITELLM_KEY}"}, psutil.Process(proxy.process.pid)),
+            Target("engine (direct)", [f"{server.engine_url}/v1/chat/completions"], model),
+            Target(GATEWAY, [f"{server.url}/v1/chat/completions"], model, server.auth, [gateway]),
+            Target(TWO_GATEWAYS, [f"{url}/v1/chat/completions" for url in (server.url, server.second_url)], model,
+                   server.auth, [gateway, psutil.Process(server.second.pid)]),
+            Target("LiteLLM proxy", [f"{proxy.url}/v1/chat/completions"], model,
+                   {"Authorization": f"Bearer {LITELLM_KEY}"}, [psutil.Process(proxy.process.pid)]),
         ]
         try:
             results, natural = asyncio.run(measure(targets, levels, counts, args.tokens, args.rounds))
