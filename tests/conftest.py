@@ -34,16 +34,16 @@ UPLOAD_LIMIT = 32 << 20
 ENGINE_READ_TIMEOUT = 20  # the stall test waits this long
 UNPACKED_LIMIT = 64 << 20
 
+# Each test engine holds ~1.6 GiB (weights, activations) plus the default 1 GiB of KV cache (~23k tokens of
+# SmolLM2), sized in bytes: vLLM's CPU worker would size it from a share of its NUMA node's memory, which left
+# none on CI's 10 GiB node ("Available memory on node 0 ... less than requested memory for kv").
+
 
 def exactly(tokens: int) -> dict:
     """Request fields for an answer of exactly `tokens` tokens, for tests that need the engine busy for a while.
     `min_tokens` alone is not enough: vLLM 0.32's stop check ends a request on EOS before it looks at
     min_tokens, trusting a logits processor to have masked EOS; `ignore_eos` takes EOS out of the check."""
     return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
-
-# Each test engine holds ~1.6 GiB (weights, activations) plus the default 1 GiB of KV cache (~23k tokens of
-# SmolLM2), sized in bytes: vLLM's CPU worker would size it from a share of its NUMA node's memory, which left
-# none on CI's 10 GiB node ("Available memory on node 0 ... less than requested memory for kv").
 
 
 def free_port() -> int:
