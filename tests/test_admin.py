@@ -179,8 +179,11 @@ def test_concurrent_uploads_get_distinct_versions(gateway, peft_adapters):
 
 
 def test_admin_sees_only_the_named_tenants_adapters(gateway):
+    """Beta's `legal` is neither readable nor listed under alpha. (Other modules add adapters to alpha on the
+    shared gateway, so the listing is checked for what must and must not be there, not for equality.)"""
     assert gateway.admin("GET", "/tenants/alpha/adapters/legal").status_code == 404  # beta's
-    assert {a["name"] for a in gateway.admin("GET", "/tenants/alpha/adapters").json()["data"]} == {"support"}
+    names = {a["name"] for a in gateway.admin("GET", "/tenants/alpha/adapters").json()["data"]}
+    assert "support" in names and "legal" not in names, names
 
 
 def test_audit_log_records_actions_and_refusals(gateway):

@@ -1,0 +1,91 @@
+"""What a perfect scheduler could reach in `many_adapters`'s rows: a bound on adapter ÷ base tokens/s from the
+engine's own step times.
+
+    .venv/bin/python bench/slot_bound.py [--max-loras 4] [--tokens 48]
+
+A batch holds at most --max-loras distinct adapters, and a request's adapter must hold a slot for each of its
+decode steps, so a row whose requests name D distinct adapters needs at least D x K / slots decode steps (K tokens
+per answer), and never fewer than the base model's ceil(R / C) x K (R requests, C at once). First this measures the
+engine's decode step time by batch size (the base model, b requests of --tokens tokens sent at once to the engine
+direct, twice) and fits step = a + b x per-sequence over b >= 4 (below that, per-request costs dominate). Then, for
+each `many_adapters` row (its seeded sequence): the fewest steps, and the ratio to base if every step cost
+a + b x per-sequence, no adapter load cost anything and no prefill were counted (prefill costs both sides about the
+same, which would move the bound toward 1). It is an estimate of the ceiling, not a measurement of the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+
+import httpx
+from harness import BenchServer, print_table
+from many_adapters import ROWS, sequence
+
+BATCHES = (1, 2, 4, 6, 8, 12, 16)
+
+
+async def decode_seconds(url: str, model: str, batch: int, tokens: int) -> float:
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(i: int) -> None:
+            reply = await client.post(f"{url}/v1/completions", json={
+                "model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": tokens,
+                "min_tokens": tokens, "ignore_eos": True, "temperature": 0})
+            reply.raise_for_status()
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(batch)))
+        return time.perf_counter() - began
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares step = a + b x per-sequence."""
+    n, sx, sy = len(points), sum(b for b, _ in points), sum(t for _, t in points)
+    sxx, sxy = sum(b * b for b, _ in points), sum(b * t for b, t in points)
+    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+    return (sy - slope * sx) / n, slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-loras", type=int, default=4, help="engine slots of the rows to bound")
+    parser.add_argument("--tokens", type=int, default=48, help="decode steps per measurement")
+    parser.add_argument("--requests", type=int, default=24, help="many_adapters's --requests")
+    parser.add_argument("--concurrency", type=int, default=16, help="many_adapters's --concurrency")
+    parser.add_argument("--max-tokens", type=int, default=16, help="many_adapters's --max-tokens")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    steps: dict[int, list[float]] = {b: [] for b in BATCHES}
+    with BenchServer() as server:
+        model = httpx.get(f"{server.engine_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(decode_seconds(server.engine_url, model, 4, args.tokens))  # warm-up
+        for _ in range(2):
+            for b in BATCHES:
+                steps[b].append(asyncio.run(decode_seconds(server.engine_url, model, b, args.tokens)) / args.tokens)
+    step = {b: sorted(times)[0] for b, times in steps.items()}
+    fixed, per_seq = fit([(b, t) for b, t in step.items() if b >= 4])
+    print_table(f"Engine decode step time by batch size (base model, {args.tokens} tokens, best of 2; fit over b >= 4: "
+                f"{fixed * 1000:.1f} ms + {per_seq * 1000:.2f} ms per sequence)",
+                ["sequences in the batch", "ms per step", "fit ms", "tokens/s"],
+                [[str(b), f"{t * 1000:.1f}", f"{(fixed + per_seq * b) * 1000:.1f}", f"{b / t:.0f}"]
+                 for b, t in step.items()], {"step_s": step, "fixed_s": fixed, "per_sequence_s": per_seq})
+
+    r, k, c = args.requests, args.max_tokens, args.concurrency
+    base_steps = math.ceil(r / c) * k
+    base_time = base_steps * fixed + r * k * per_seq
+    rows = []
+    for label, n, distribution in ROWS[1:]:
+        distinct = len({a for a, _ in sequence(n, distribution, r, args.seed)})
+        fewest = max(math.ceil(distinct * k / args.max_loras), base_steps)
+        rows.append([label, str(distinct), str(fewest), str(base_steps),
+                     f"{base_time / (fewest * fixed + r * k * per_seq):.2f}"])
+    print_table(f"Ceiling of adapter ÷ base tokens/s in many_adapters's rows at --max-loras {args.max_loras} "
+                f"({r} requests of {k} tokens, {c} at once; perfect scheduling, free loads, decode only)",
+                ["row", "distinct adapters", "fewest decode steps", "base model's steps", "ceiling of ratio to base"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
