@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import statistics
 import time
 
 import httpx
@@ -40,14 +41,6 @@ async def decode_seconds(url: str, model: str, batch: int, tokens: int) -> float
         return time.perf_counter() - began
 
 
-def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares step = a + b x per-sequence."""
-    n, sx, sy = len(points), sum(b for b, _ in points), sum(t for _, t in points)
-    sxx, sxy = sum(b * b for b, _ in points), sum(b * t for b, t in points)
-    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
-    return (sy - slope * sx) / n, slope
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-loras", type=int, default=4, help="engine slots of the rows to bound")
@@ -64,8 +57,9 @@ def main() -> None:
         for _ in range(2):
             for b in BATCHES:
                 steps[b].append(asyncio.run(decode_seconds(server.engine_url, model, b, args.tokens)) / args.tokens)
-    step = {b: sorted(times)[0] for b, times in steps.items()}
-    fixed, per_seq = fit([(b, t) for b, t in step.items() if b >= 4])
+    step = {b: min(times) for b, times in steps.items()}
+    fitted = [b for b in BATCHES if b >= 4]
+    per_seq, fixed = statistics.linear_regression(fitted, [step[b] for b in fitted])
     print_table(f"Engine decode step time by batch size (base model, {args.tokens} tokens, best of 2; fit over b >= 4: "
                 f"{fixed * 1000:.1f} ms + {per_seq * 1000:.2f} ms per sequence)",
                 ["sequences in the batch", "ms per step", "fit ms", "tokens/s"],
