@@ -10,8 +10,8 @@ vLLM side: one gateway with its embedded engine, --max-loras 4 and --max-cpu-lor
 into the registry, so loaded nowhere): no adapter warm-up, the cost of loading each adapter on first use and
 of reloading it after eviction counts. The engine itself is warmed first with a few base-model requests.
 Every row gets the same seeded request sequence (prompts, and adapters by rank), the same number of streamed
-requests of exactly --max-tokens output tokens (min_tokens = max_tokens, temperature 0; checked on every
-answer), at most --concurrency at a time. TTFT is client-side, from sending a request to its first content
+requests of exactly --max-tokens output tokens (min_tokens = max_tokens with ignore_eos, temperature 0; checked on
+every answer), at most --concurrency at a time. TTFT is client-side, from sending a request to its first content
 chunk. A failed request counts no tokens, shows in the errors column, and makes the script exit non-zero.
 
 Then the 1,000-adapter row, on the same gateway: --zipf-adapters rank-8 adapters (fresh random weights, ~3.5 MB
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -92,7 +93,8 @@ async def stream_one(client: httpx.AsyncClient, server: BenchServer, model: str,
                      max_tokens: int) -> float:
     """Sends one streamed request; the time its first content chunk arrived (perf_counter)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "min_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     first, usage, finish = None, None, None
     async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=server.auth) as reply:
         if reply.status_code != 200:
@@ -114,8 +116,10 @@ async def stream_one(client: httpx.AsyncClient, server: BenchServer, model: str,
     return first
 
 
-async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | None, int]], args) -> dict:
-    """Failed requests count no tokens and no TTFT; they are listed under "errors"."""
+async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | None, int]], args,
+                  gate=None) -> dict:
+    """Failed requests count no tokens and no TTFT; they are listed under "errors". A `gate`
+    (`adapter_admission.AdapterGate`) holds each request after it is sent, until its adapter may run."""
     limit = asyncio.Semaphore(args.concurrency)
     errors: list[str] = []
     async with httpx.AsyncClient(timeout=600) as client:
@@ -124,7 +128,8 @@ async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | 
                 sent = time.perf_counter()
                 model = models[adapter] if adapter is not None else server.settings.served_model_name
                 try:
-                    first = await stream_one(client, server, model, PROMPTS[prompt], args.max_tokens)
+                    async with gate.hold(adapter) if gate else contextlib.nullcontext():
+                        first = await stream_one(client, server, model, PROMPTS[prompt], args.max_tokens)
                 except Failed as exc:
                     errors.append(str(exc))
                     return None
