@@ -7,7 +7,8 @@ vLLM's scheduler fills a free slot in arrival order: the oldest waiting request 
 it. The alternative (LoRAX's adapter cycling) is for the gateway to hold requests so that at most --max-loras
 adapters are in flight, and to give a free slot to the adapter with the most requests waiting: more sequences
 per batch, so more tokens per decode step. So that no adapter starves, a request that has waited --max-wait
-seconds closes the adapters in flight to newcomers (they drain) and its adapter takes the next free slot.
+seconds closes the adapters in flight to newcomers (they drain) and its adapter takes the next free slot
+(--max-wait 0: strict arrival order, the opposite trade, for the tail).
 
 This measures that policy before it is built: the hold (`AdapterGate`) sits in the load generator, in front of
 the gateway, where the gateway's would sit, and a request's TTFT counts from its arrival, the hold included.
@@ -118,8 +119,10 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=16)
     parser.add_argument("--max-wait", type=float, default=2.0, help="seconds a held request waits at most for "
                         "its adapter to be next")
+    parser.add_argument("--rows", nargs="+", choices=[label for label, _, _ in ROWS], default=[r[0] for r in ROWS])
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    rows = [row for row in ROWS if row[0] in args.rows]
     results: dict[str, dict[str, list[dict]]] = {label: {p: [] for p in POLICIES} for label, _, _ in ROWS}
     names = (f"x{i}" for i in itertools.count())
     with tempfile.TemporaryDirectory() as tmp, BenchServer(
@@ -134,7 +137,7 @@ def main() -> None:
         asyncio.run(run_row(server, base_model, sequence(0, "-", args.concurrency, args.seed + 99), args))  # warm-up
         bases = [asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"]]
         for round_ in range(args.rounds):
-            for label, n, distribution in ROWS:
+            for label, n, distribution in rows:
                 seq = sequence(n, distribution, args.zipf_requests if n > 64 else args.requests, args.seed)
                 for policy in POLICIES if round_ % 2 == 0 else POLICIES[::-1]:
                     models = {a: next(names) for a in {a for a, _ in seq}}  # fresh names: loaded nowhere yet
@@ -148,7 +151,7 @@ def main() -> None:
         bases.append(asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"])
     base = statistics.mean(bases)
     table = []
-    for label, _, _ in ROWS:
+    for label, _, _ in rows:
         for policy in POLICIES:
             runs = results[label][policy]
             ttft = [t for r in runs for t in r["ttft_s"]]
