@@ -31,10 +31,9 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
-from harness import REPO, BenchServer, make_adapters, print_table
+from harness import BenchServer, make_adapters, print_table
 from many_adapters import ms, quantile, run_row, sequence
 
-from adapters.basemodel import ensure_default_model
 from server.storage.factory import build_registry, build_store
 
 ROWS = [("16-uniform", 16, "uniform"), ("64-uniform", 64, "uniform"), ("64-skewed", 64, "skewed"),
@@ -64,12 +63,12 @@ class AdapterGate:
             try:
                 await entry[1]
             except BaseException:
-                if not entry[1].done():  # cancelled while held: never counted in flight
+                if entry[1].done():  # let in, then cancelled: counted in flight
+                    self._leave(adapter)
+                else:
                     self.waiting[adapter].remove(entry)
                     if not self.waiting[adapter]:
                         del self.waiting[adapter]
-                    raise
-                self._leave(adapter)
                 raise
         else:
             self.in_flight[adapter] += 1
@@ -91,18 +90,18 @@ class AdapterGate:
         oldest, adapter = min((queue[0][0], a) for a, queue in self.waiting.items())
         return adapter if time.monotonic() - oldest >= self.max_wait else None
 
+    def _next(self) -> int | None:
+        """The waiting adapter to let in now, if any."""
+        starving = self._starving()
+        if starving is not None:  # the adapters in flight take no newcomers: they drain
+            return starving if starving in self.in_flight or len(self.in_flight) < self.slots else None
+        joining = next((a for a in self.waiting if a in self.in_flight), None)
+        if joining is not None or len(self.in_flight) >= self.slots:
+            return joining
+        return max(self.waiting, key=lambda a: (len(self.waiting[a]), -self.waiting[a][0][0]))
+
     def _fill(self) -> None:
-        while self.waiting:
-            starving = self._starving()
-            open_ = [a for a in self.waiting if a in self.in_flight] if starving is None else []
-            if starving is not None and (starving in self.in_flight or len(self.in_flight) < self.slots):
-                chosen = starving
-            elif open_:
-                chosen = open_[0]
-            elif len(self.in_flight) < self.slots and starving is None:
-                chosen = max(self.waiting, key=lambda a: (len(self.waiting[a]), -self.waiting[a][0][0]))
-            else:
-                return
+        while self.waiting and (chosen := self._next()) is not None:
             for _, future in self.waiting.pop(chosen):
                 self.in_flight[chosen] += 1
                 future.set_result(None)
@@ -123,13 +122,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rows = [row for row in ROWS if row[0] in args.rows]
-    results: dict[str, dict[str, list[dict]]] = {label: {p: [] for p in POLICIES} for label, _, _ in ROWS}
+    results: dict[str, dict[str, list[dict]]] = {label: {p: [] for p in POLICIES} for label, _, _ in rows}
     names = (f"x{i}" for i in itertools.count())
     with tempfile.TemporaryDirectory() as tmp, BenchServer(
             LORASERVE_ENGINE_MAX_LORAS=str(args.max_loras), LORASERVE_ENGINE_MAX_CPU_LORAS=str(args.max_cpu_loras),
             LORASERVE_TENANT_MAX_ADAPTERS="100000") as server:
-        model = ensure_default_model(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
-        folders = make_adapters(model, Path(tmp), 16)
+        folders = make_adapters(server.model, Path(tmp), 16)
         unbounded = server.settings.model_copy(update={"tenant_max_adapters": None})  # fresh names for every run
         registry = build_registry(unbounded, build_store(server.settings))
         base_seq = sequence(0, "-", args.requests, args.seed)

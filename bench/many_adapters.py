@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -116,8 +117,8 @@ async def stream_one(client: httpx.AsyncClient, server: BenchServer, model: str,
     return first
 
 
-async def run_row(server: BenchServer, models: list[str], seq: list[tuple[int | None, int]], args,
-                  gate=None) -> dict:
+async def run_row(server: BenchServer, models: Sequence[str] | Mapping[int, str], seq: list[tuple[int | None, int]],
+                  args, gate=None) -> dict:
     """Failed requests count no tokens and no TTFT; they are listed under "errors". A `gate`
     (`adapter_admission.AdapterGate`) holds each request after it is sent, until its adapter may run."""
     limit = asyncio.Semaphore(args.concurrency)
