@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 # In the order they run; each bounded in requests and time.
 BENCHMARKS = [
     "gateway_latency", "overhead", "relay_cpu", "shared_limits", "lora_ops", "cold_adapter", "many_adapters",
-    "slot_bound", "adapter_admission", "vllm_serve", "batching", "hot_load", "routing", "training", "evaluation",
-    "metrics_overhead", "fairness",
+    "slot_bound", "adapter_admission", "engine_scheduling", "vllm_serve", "batching", "hot_load", "routing",
+    "training", "evaluation", "metrics_overhead", "fairness",
 ]
 
 
