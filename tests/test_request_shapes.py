@@ -35,6 +35,15 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "requ
           "additionalProperties": False}
 
 
+UNDESCRIBED_COUNTS = {  # more array items or object properties asked for than the schema describes
+    "min-items": {"type": "array", "minItems": 1},
+    "min-items-past-prefix": {"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 2, "items": False},
+    "min-properties": {"type": "object", "minProperties": 1},
+    "min-properties-closed": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                              "minProperties": 2, "additionalProperties": False},
+}
+
+
 def nested(depth: int) -> dict:
     schema: dict = {"type": "string"}
     for _ in range(depth):
@@ -103,6 +112,20 @@ def refusals(vocab: int):
         "name": "loop", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}), "response_format"
     yield "json-schema-bad-regex", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "re", "schema": {"type": "object", "patternProperties": {"(": {}}}}}), "response_format"
+    # And these (2026-12-07): xgrammar allows no array item and no property a schema does not describe, so a
+    # count above what is described cannot be met. Where `items` or `additionalProperties` was left out, vLLM's
+    # own checks let them through and the compiler failed: a 503 for response formats and structured_outputs
+    # (which the SDK retries), a 400 reading "Invalid grammar specification: 'triggers'" for tools; where they
+    # are false, vLLM answered 400 without naming the field.
+    for name, schema in UNDESCRIBED_COUNTS.items():
+        yield f"json-schema-{name}", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "n", "schema": schema}}), "response_format"
+    yield "structured-outputs-min-items", CHAT, chat(structured_outputs={"json": UNDESCRIBED_COUNTS["min-items"]}), \
+        "structured_outputs"
+    yield "responses-min-properties", "/v1/responses", {"model": "support", "input": "x", "text": {"format": {
+        "type": "json_schema", "name": "n", "schema": UNDESCRIBED_COUNTS["min-properties"]}}}, "text"
+    yield "tool-min-items", CHAT, chat(tools=[{"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"tags": UNDESCRIBED_COUNTS["min-items"]}}}}]), "tools.0"
     yield "token-out-of-vocab", "/v1/completions", {"model": "support", "prompt": [1, vocab], "max_tokens": 2}, "prompt"
     yield "token-huge", "/v1/completions", {"model": "support", "prompt": [[1], [10**12]], "max_tokens": 2}, "prompt"
     yield "token-negative", "/v1/completions", {"model": "support", "prompt": [-1], "max_tokens": 2}, "prompt"
@@ -138,6 +161,19 @@ def test_nan_in_a_schema_is_refused(gateway):
         "Authorization": f"Bearer {gateway.tenants['alpha'].key}", "Content-Type": "application/json"})
     assert response.status_code == 400, response.text[:300]
     assert response.json()["error"]["param"].startswith("response_format")
+
+
+def test_the_engines_grammar_errors_reach_the_client_without_its_build_paths(gateway):
+    """With xgrammar pinned (tests/test_tools.py), a schema it cannot compile is vLLM's 400, whose message began
+    with the compiler's source location ("[21:55:17] /project/cpp/json_schema_converter.cc:4944: "): kept, less
+    that location."""
+    response = httpx.post(f"{gateway.url}{CHAT}", timeout=120, headers={
+        "Authorization": f"Bearer {gateway.tenants['alpha'].key}"}, json=chat(response_format={
+            "type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "integer", "minimum": 5,
+                                                                           "maximum": 1}}}))
+    assert response.status_code == 400, response.text[:300]
+    message = response.json()["error"]["message"]
+    assert "minimum greater than maximum" in message and ".cc:" not in message and "/project" not in message, message
 
 
 @pytest.mark.parametrize("model", ["x@²", "support@²", "support@\u0663"])
@@ -181,6 +217,14 @@ def test_what_sdks_send_still_passes(gateway):
     assert reply.choices[0].message.content.lstrip().startswith("{"), reply.choices[0].message.content
     reply = ok(messages=[{"role": "user", "content": "Reply with JSON."}], max_tokens=8,
                response_format={"type": "json_object"})
+    assert reply.choices[0].message.content.lstrip().startswith("{"), reply.choices[0].message.content
+    # Counts the schema can meet: the items and properties are described.
+    described = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                                           "minItems": 1}, "extra": {"type": "object",
+                                                           "additionalProperties": {"type": "integer"},
+                                                           "minProperties": 1}}, "required": ["tags", "extra"]}
+    reply = ok(messages=[{"role": "user", "content": "Tag this: apples."}], max_tokens=8,
+               response_format={"type": "json_schema", "json_schema": {"name": "tags", "schema": described}})
     assert reply.choices[0].message.content.lstrip().startswith("{"), reply.choices[0].message.content
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 
+import openai
+import pytest
 from transformers import AutoTokenizer
 
 from server.engine.chat_template import TOOLS_TEMPLATE, engine_tool_args, model_chat_template
+from server.engine.supervisor import engine_command
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",
@@ -45,6 +48,28 @@ def test_the_tools_template_renders_plain_chats_as_the_models_own(base_model_pat
         assert rendered[0] == rendered[1]
     with_tools = tokenizer.apply_chat_template(ASK, chat_template=ours, tools=[WEATHER], tokenize=False)
     assert "<tools>" in with_tools and '"get_weather"' in with_tools
+
+
+def test_a_schema_the_engines_grammars_lack_is_a_400_and_tool_calls_keep_working(gateway):
+    """vLLM's default grammar backend ("auto") picks a library per request, falling back from xgrammar to guidance
+    for schemas xgrammar lacks (`multipleOf`, `uniqueItems`, a pattern with a length bound), while its engine
+    compiles every request with the library of the first structured request it was sent. Seen 2026-12-07 on a
+    fresh engine: a `multipleOf` schema as one tenant's first request made every tool call (whose structural
+    tags only xgrammar reads) a 503 for every tenant until the engine restarted; the other way round, a schema
+    xgrammar refuses failed inside the engine (a 503, which the SDK retries). The engine now starts with
+    xgrammar pinned: such a schema is a 400 whatever came first, and tool calls keep working."""
+    other = gateway.client(gateway.tenants["beta"].key)
+    for schema in ({"type": "integer", "multipleOf": 3}, {"type": "string", "pattern": "^a+$", "maxLength": 4}):
+        with pytest.raises(openai.BadRequestError):
+            other.chat.completions.create(
+                model=gateway.settings.served_model_name, messages=ASK, max_tokens=3,
+                response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    for choice in ("auto", "required"):
+        answer = ask(gateway, "support", tool_choice=choice)
+        assert answer.choices[0].finish_reason in ("tool_calls", "stop", "length"), choice
+    assert ask(gateway, "support", tool_choice="required").choices[0].message.tool_calls
+    command = engine_command(gateway.settings)
+    assert json.loads(command[command.index("--structured-outputs-config") + 1]) == {"backend": "xgrammar"}
 
 
 def test_named_tool_choice_calls_that_function_with_valid_arguments(gateway):

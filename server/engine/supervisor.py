@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,6 +40,11 @@ def engine_command(settings: Settings) -> list[str]:
         "--max-lora-rank", str(settings.engine_max_lora_rank),
         "--max-cpu-loras", str(settings.engine_max_cpu_loras),
         "--enforce-eager",
+        # One grammar library for every request. vLLM's "auto" picks one per request (xgrammar, else guidance) but
+        # compiles all of them with the library of the first structured request the engine was sent: whichever
+        # tenant came first decided whether others' schemas or tool calls failed inside the engine (a 503).
+        # xgrammar reads the structural tags of tool calls; what it lacks is a 400 before the engine.
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar"}),
         *engine_tool_args(settings),
         *settings.engine_extra_args,
     ]

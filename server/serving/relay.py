@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,8 @@ from server.wire.openai import GenerationRequest
 log = logging.getLogger("loraserve.relay")
 
 _RESPONSE_ENDS = {"response.completed": 200, "response.incomplete": 200, "response.failed": 503}
+# "[21:55:17] /project/cpp/json_schema_converter.cc:4944: " before a grammar compiler's message: its build paths.
+_SOURCE_LOCATION = re.compile(r"(?:\[\d\d:\d\d:\d\d\] )?/[^\s:]+:\d+: ")
 _ENGINE_STATUS = {400: BadRequest, 404: NotFound, 413: PayloadTooLarge, 422: Unprocessable, 429: RateLimited}
 
 
@@ -305,7 +308,7 @@ def _sse(event: dict) -> bytes:
 
 
 def _engine_error(status: int, body: bytes, route: ModelRoute) -> APIError:
-    """An engine's error as the client may see it: our internal name replaced by the client's."""
+    """An engine's error as the client may see it: our internal name replaced by the client's, no source paths."""
     try:
         error = json.loads(body)["error"]
         message, param = str(error.get("message", "")), error.get("param")
@@ -316,5 +319,5 @@ def _engine_error(status: int, body: bytes, route: ModelRoute) -> APIError:
     if status >= 500 or not message:
         log.error("engine error %s for %s: %s", status, route.engine_model, message[:500])
         return EngineUnavailable("The inference engine failed to serve the request.")
-    message = message.replace(route.engine_model, route.requested)
+    message = _SOURCE_LOCATION.sub("", message.replace(route.engine_model, route.requested)).strip()
     return _ENGINE_STATUS.get(status, BadRequest)(message, param=param if isinstance(param, str) else None)

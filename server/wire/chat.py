@@ -37,8 +37,8 @@ def _nodes(value: Any) -> Iterator[tuple[Any, int]]:
 
 def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """Bound a JSON schema's size and nesting, and refuse what makes the engine's grammar compiler fail with a
-    server error rather than a 400 (seen on vLLM 0.32 with xgrammar): broken regexes and `$ref`s that only
-    point at each other."""
+    server error rather than a 400 (seen on vLLM 0.32 with xgrammar): broken regexes, `$ref`s that only
+    point at each other, and counts of items or properties the schema does not describe."""
     nodes = list(_nodes(schema))
     if max(level for _, level in nodes) > MAX_SCHEMA_DEPTH:
         raise invalid_value(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep")
@@ -57,7 +57,56 @@ def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
                 raise invalid_value("the schema holds a pattern that is not a valid regular expression") from None
         if isinstance(node.get("$ref"), str) and _ref_loops(schema, node):
             raise invalid_value("the schema holds $refs that only point at each other")
+    for node in _subschemas(schema):
+        _check_counts(node)
     return schema
+
+
+# Keywords whose value is a subschema, a list of them, or a name -> subschema map (not `default`, `enum`, ...,
+# which hold data and may have any keys).
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every (sub)schema object in `schema`, without recursion."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node
+        stack.extend(node.get(key) for key in _SUBSCHEMA)
+        for key in _SUBSCHEMA_LISTS:
+            stack.extend(node.get(key) if isinstance(node.get(key), list) else ())
+        for key in _SUBSCHEMA_MAPS:
+            stack.extend(node.get(key).values() if isinstance(node.get(key), dict) else ())
+
+
+def _check_counts(node: dict[str, Any]) -> None:
+    """The engine's grammar compiler (xgrammar) allows no array item and no object property that a schema does
+    not describe, so `minItems` above the `prefixItems` without `items`, or `minProperties` above the listed
+    `properties` without `additionalProperties`, can never be met. Under vLLM's "auto" backend these failed
+    inside the engine (a 503); with xgrammar pinned vLLM refuses them, in its compiler's words."""
+    types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+    min_items, min_properties = node.get("minItems"), node.get("minProperties")
+    if "array" in types and _is_count(min_items) and node.get("items", False) is False:
+        described = len(node["prefixItems"]) if isinstance(node.get("prefixItems"), list) else 0
+        if min_items > described:
+            raise invalid_value(f"minItems {min_items} asks for more array items than the schema describes: "
+                                "give `items` a schema for them")
+    if ("object" in types and _is_count(min_properties) and node.get("additionalProperties", False) is False
+            and not node.get("patternProperties")):
+        described = len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+        if min_properties > described:
+            raise invalid_value(f"minProperties {min_properties} asks for more properties than the schema "
+                                "describes: list them in `properties` or allow `additionalProperties`")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _ref_loops(root: dict[str, Any], node: dict[str, Any]) -> bool:
