@@ -18,8 +18,12 @@ Each gateway's own base-model row, run first and last, is the baseline of its ra
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import os
+import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,11 +83,7 @@ class AdapterAwareScheduler(Scheduler):
 
 
 def main() -> None:
-    import asyncio
-    import itertools
-    import statistics
-    import tempfile
-
+    # The engine imports this module for its scheduler: what only the load generator needs is imported here.
     from adapter_admission import ROWS
     from harness import BenchServer, make_adapters, print_table
     from many_adapters import ms, run_row, sequence
