@@ -122,7 +122,7 @@ def main() -> None:
                     base_model = [server.settings.served_model_name]
                     base_seq = sequence(0, "-", args.requests, args.seed)
                     asyncio.run(run_row(server, base_model, sequence(0, "-", args.concurrency, args.seed + 99), args))
-                    runs = [asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"]]
+                    base_runs = [asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"]]
                     for label, n, distribution in rows:
                         seq = sequence(n, distribution, args.zipf_requests if n > 64 else args.requests, args.seed)
                         models = {a: next(names) for a in {a for a, _ in seq}}  # fresh names: loaded nowhere yet
@@ -132,8 +132,8 @@ def main() -> None:
                         results[label][policy].append(row)
                         print(f"{label}, {policy}: {row['tokens_per_s']:.1f} tok/s, p99 TTFT "
                               f"{ms(row['ttft_s'], 0.99)} ms, {len(row['errors'])} errors", flush=True)
-                    runs.append(asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"])
-                    bases[policy].append(statistics.mean(runs))
+                    base_runs.append(asyncio.run(run_row(server, base_model, base_seq, args))["tokens_per_s"])
+                    bases[policy].append(statistics.mean(base_runs))
                     for label in results:  # each gateway's rows divide by its own base row
                         results[label][policy][-1]["base_tokens_per_s"] = bases[policy][-1]
     table = []
